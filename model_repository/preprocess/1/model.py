@@ -1,0 +1,59 @@
+"""Triton adapter for preprocess_backend: IMAGE [N, 1] bytes -> PIXELS, GEOMETRY, ERROR per photo.
+
+A photo that cannot be read gets zero PIXELS and its reason in ERROR, so that the others in the same
+request are still processed; a request in which no photo can be read fails with INVALID_ARG.
+"""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from preprocess_backend import Geometry, ImageError, PreprocessConfig, preprocess
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.logger = pb_utils.Logger
+        model_config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+        pixels_config = pb_utils.get_output_config_by_name(model_config, "PIXELS")
+        self.working_size = int(pixels_config["dims"][-1])
+        self.config = PreprocessConfig(
+            working_size=self.working_size,
+            max_bytes=int(params.get("max_bytes", PreprocessConfig.max_bytes)),
+            max_pixels=int(params.get("max_pixels", PreprocessConfig.max_pixels)),
+        )
+        self.dtypes = {name: pb_utils.triton_string_to_numpy(
+            pb_utils.get_output_config_by_name(model_config, name)["data_type"]) for name in ("PIXELS", "GEOMETRY")}
+
+    def _one(self, index, data):
+        """(pixels, geometry vector, error text) for one photo; never raises."""
+        try:
+            if not isinstance(data, bytes):
+                raise ImageError(f"expected image bytes, got {type(data).__name__}")
+            result = preprocess(data, self.config)
+            return result.pixels, result.geometry.to_vector(), ""
+        except ImageError as exc:
+            reason = str(exc)
+        except Exception as exc:  # a bug or an exotic file must not take the neighbours down
+            self.logger.log_error(f"preprocess: unexpected failure on image {index}: {exc!r}")
+            reason = f"could not be processed ({type(exc).__name__})"
+        zeros = np.zeros((3, self.working_size, self.working_size), np.float32)
+        return zeros, np.zeros(Geometry.VECTOR_LENGTH), f"image {index}: {reason}"
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
+            pixels, geometry, errors = zip(*(self._one(i, data) for i, data in enumerate(images)))
+            if all(errors):
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError("; ".join(errors), pb_utils.TritonError.INVALID_ARG)))
+                continue
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("PIXELS", np.stack(pixels).astype(self.dtypes["PIXELS"], copy=False)),
+                pb_utils.Tensor("GEOMETRY", np.stack(geometry).astype(self.dtypes["GEOMETRY"], copy=False)),
+                pb_utils.Tensor("ERROR", np.array(errors, dtype=np.object_).reshape(-1, 1)),
+            ]))
+        return responses

@@ -1,0 +1,267 @@
+"""Fundus photograph preprocessing shared by serving (Triton `preprocess`) and training.
+
+Pipeline: decode (at a reduced scale where the codec allows it) -> find the circular field of view (FOV)
+-> crop a square around it (zero padding where the square leaves the photo) -> resize to the model's
+working size -> CLAHE on the lightness channel -> zero outside the FOV.
+
+`Geometry` records how the working grid maps back onto the original photo, so that the postprocess
+step can place the probability map at the photo's own resolution.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from PIL import Image
+
+SUPPORTED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP")
+
+# PIL refuses images over 2x this; our own pixel guard (PreprocessConfig.max_pixels) runs first anyway.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageError(ValueError):
+    """A photograph that cannot be processed; the message is the reason, shown to the client."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    working_size: int = 640
+    max_bytes: int = 64 * 2**20  # one encoded photo
+    max_pixels: int = 60_000_000  # decompression-bomb guard, checked from the header before decoding
+    min_side: int = 128
+    clahe_clip_limit: float = 2.0
+    clahe_tile_grid: int = 8
+    # The FOV must cover at least this fraction of the photo, else it is not a usable fundus photo.
+    min_fov_fraction: float = 0.05
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the working grid sits on the original photo, in original pixels.
+
+    Working pixel centre (u, v) maps to original (square_x0 + (u + 0.5) * s - 0.5, ...), s = square_side / S.
+    The FOV is the disc (fov_cx, fov_cy, fov_radius) clipped to the box fov_bbox.
+    """
+
+    width: int
+    height: int
+    square_x0: float
+    square_y0: float
+    square_side: float
+    fov_cx: float
+    fov_cy: float
+    fov_radius: float
+    fov_x0: float
+    fov_y0: float
+    fov_x1: float
+    fov_y1: float
+    fov_area: float  # pixels of the detected FOV, at original resolution
+    exif_orientation: int = 1
+
+    VECTOR_LENGTH = 14
+
+    def to_vector(self) -> np.ndarray:
+        return np.array(
+            [self.width, self.height, self.square_x0, self.square_y0, self.square_side, self.fov_cx,
+             self.fov_cy, self.fov_radius, self.fov_x0, self.fov_y0, self.fov_x1, self.fov_y1, self.fov_area,
+             self.exif_orientation],
+            dtype=np.float64,
+        )
+
+    @classmethod
+    def from_vector(cls, v: np.ndarray) -> "Geometry":
+        v = np.asarray(v, dtype=np.float64).reshape(-1)
+        if v.size != cls.VECTOR_LENGTH:
+            raise ValueError(f"geometry vector has {v.size} values, expected {cls.VECTOR_LENGTH}")
+        return cls(int(v[0]), int(v[1]), *map(float, v[2:13]), exif_orientation=int(v[13]))
+
+    def working_to_original(self, working_size: int) -> np.ndarray:
+        """2x3 affine matrix taking working-grid coordinates to original-photo coordinates."""
+        s = self.square_side / working_size
+        return np.array([[s, 0.0, self.square_x0 + 0.5 * s - 0.5], [0.0, s, self.square_y0 + 0.5 * s - 0.5]])
+
+    def original_to_working(self, working_size: int) -> np.ndarray:
+        return cv2.invertAffineTransform(self.working_to_original(working_size))
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    pixels: np.ndarray  # float32 [3, S, S], RGB in [0, 1]
+    geometry: Geometry
+
+
+def read_header(data: bytes, config: PreprocessConfig) -> tuple[str, int, int, int]:
+    """Format, width, height and EXIF orientation, from the header only (no pixel decoding)."""
+    if len(data) == 0:
+        raise ImageError("empty input: no image bytes")
+    if len(data) > config.max_bytes:
+        raise ImageError(f"file is {len(data)} bytes, over the limit of {config.max_bytes} bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt, (width, height) = im.format, im.size
+            orientation = int(im.getexif().get(0x0112, 1)) if fmt in ("JPEG", "TIFF") else 1
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image file: the bytes match no known image format") from None
+    except Exception as exc:  # PIL raises many types for damaged headers; all mean the same to the client
+        raise ImageError(f"damaged image header ({exc})") from None
+    if fmt not in SUPPORTED_FORMATS:
+        raise ImageError(f"unsupported image format {fmt}; accepted: {', '.join(SUPPORTED_FORMATS)}")
+    if width * height > config.max_pixels:
+        raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the limit of {config.max_pixels}")
+    if min(width, height) < config.min_side:
+        raise ImageError(f"image is {width}x{height}, too small (the shorter side must be at least {config.min_side} px)")
+    return fmt, width, height, orientation
+
+
+def _check_complete(data: bytes, fmt: str) -> None:
+    # Decoders fill a truncated file with grey and carry on; a half photo must not be graded.
+    tail = data[-65536:]
+    if fmt == "JPEG" and b"\xff\xd9" not in tail:
+        raise ImageError("truncated JPEG: the end-of-image marker is missing")
+    if fmt == "PNG" and b"IEND" not in tail:
+        raise ImageError("truncated PNG: the IEND chunk is missing")
+
+
+def decode_reduction(width: int, height: int, working_size: int) -> int:
+    """Largest JPEG DCT scaling (1, 2, 4 or 8) that still leaves the short side >= the working size."""
+    for factor in (8, 4, 2):
+        if min(width, height) / factor >= working_size:
+            return factor
+    return 1
+
+
+_REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                  8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def decode(data: bytes, config: PreprocessConfig) -> tuple[np.ndarray, float, tuple[str, int, int, int]]:
+    """BGR uint8 pixels (possibly reduced), the reduction factor actually applied, and the header.
+
+    Pixels follow the stored orientation: EXIF rotation is reported, not applied, so that the mask
+    lines up with the stored pixels (and with every viewer that ignores EXIF, as medical ones do).
+    """
+    header = read_header(data, config)
+    fmt, width, height, _ = header
+    _check_complete(data, fmt)
+    factor = decode_reduction(width, height, config.working_size) if fmt == "JPEG" else 1
+    buf = np.frombuffer(data, dtype=np.uint8)
+    bgr = cv2.imdecode(buf, _REDUCED_FLAGS[factor] | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None:
+        raise ImageError(f"corrupt {fmt} data: the decoder could not read the pixels")
+    if bgr.dtype != np.uint8:  # defensive: IMREAD_COLOR always yields 8-bit today
+        bgr = cv2.convertScaleAbs(bgr, alpha=255.0 / max(1.0, float(bgr.max())))
+    return bgr, width / bgr.shape[1], header
+
+
+@dataclass(frozen=True)
+class FieldOfView:
+    cx: float
+    cy: float
+    radius: float
+    x0: int
+    y0: int
+    x1: int  # exclusive
+    y1: int
+    area: int  # pixels
+
+
+def find_field_of_view(bgr: np.ndarray, min_fraction: float = 0.05) -> FieldOfView:
+    """The illuminated disc of a fundus photo: the largest bright component of a thresholded brightness."""
+    h, w = bgr.shape[:2]
+    step = max(1, int(max(h, w) // 512))  # the FOV is large and smooth: find it on a small copy
+    small = bgr[::step, ::step]
+    brightness = cv2.GaussianBlur(small.max(axis=2), (5, 5), 0)
+    threshold = max(12.0, 0.12 * float(np.percentile(brightness, 99)))
+    fov = (brightness > threshold).astype(np.uint8)
+    fov = cv2.morphologyEx(fov, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7)))
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(fov, connectivity=8)
+    if count < 2:
+        raise ImageError("no retinal field of view found: the photo is dark everywhere")
+    best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    x, y, bw, bh, area = (int(v) for v in stats[best])
+    if area < min_fraction * fov.size:
+        raise ImageError(f"no retinal field of view found: the largest bright region covers "
+                         f"{area / fov.size:.1%} of the photo (at least {min_fraction:.0%} needed)")
+    x0, y0 = x * step, y * step
+    x1, y1 = min(w, (x + bw) * step), min(h, (y + bh) * step)
+    # Fundus cameras clip the disc at the top and bottom, never the sides' width: radius from the wider span.
+    radius = max(x1 - x0, y1 - y0) / 2.0
+    return FieldOfView((x0 + x1) / 2.0, (y0 + y1) / 2.0, radius, x0, y0, x1, y1, area * step * step)
+
+
+def fov_mask(shape: tuple[int, int], cx: float, cy: float, radius: float,
+             box: tuple[float, float, float, float]) -> np.ndarray:
+    """uint8 {0,1} mask of the FOV disc clipped to its bounding box, on a grid of the given (h, w)."""
+    h, w = shape
+    ys, xs = np.ogrid[:h, :w]
+    x0, y0, x1, y1 = box
+    inside = (xs - cx) ** 2 + (ys - cy) ** 2 <= radius**2
+    inside &= (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+    return inside.astype(np.uint8)
+
+
+def _clahe(rgb: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
+    clahe = cv2.createCLAHE(clipLimit=config.clahe_clip_limit,
+                            tileGridSize=(config.clahe_tile_grid, config.clahe_tile_grid))
+    lab[..., 0] = clahe.apply(np.ascontiguousarray(lab[..., 0]))
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+
+
+def geometry_for(fov: FieldOfView, scale: float, width: int, height: int, orientation: int = 1) -> Geometry:
+    """Geometry in original pixels from a FOV found on an image decoded at 1/scale."""
+    side = 2.0 * fov.radius * scale
+    cx, cy = fov.cx * scale, fov.cy * scale
+    return Geometry(width, height, cx - side / 2.0, cy - side / 2.0, side, cx, cy, fov.radius * scale,
+                    fov.x0 * scale, fov.y0 * scale, min(width, fov.x1 * scale), min(height, fov.y1 * scale),
+                    fov.area * scale * scale, orientation)
+
+
+def to_working(image: np.ndarray, geometry: Geometry, working_size: int, scale: float = 1.0,
+               interpolation: int = cv2.INTER_AREA) -> np.ndarray:
+    """Resample an image (or mask) given on the original grid reduced by `scale` onto the working grid."""
+    a = geometry.original_to_working(working_size)
+    # Coordinates on a reduced grid: original x = (xr + 0.5) * scale - 0.5.
+    m = np.hstack([a[:, :2] * scale, a[:, 2:] + (0.5 * scale - 0.5) * a[:, :2].sum(axis=1, keepdims=True)])
+    if interpolation == cv2.INTER_AREA:
+        # warpAffine has no area filter: pre-shrink with INTER_AREA to the working scale, then warp.
+        shrink = geometry.square_side / (working_size * scale)
+        if shrink > 1.5:
+            h, w = image.shape[:2]
+            small = cv2.resize(image, (max(1, round(w / shrink)), max(1, round(h / shrink))),
+                               interpolation=cv2.INTER_AREA)
+            sx, sy = w / small.shape[1], h / small.shape[0]
+            pre = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]])
+            m = (np.vstack([m, [0, 0, 1]]) @ pre)[:2]
+            image = small
+        interpolation = cv2.INTER_LINEAR
+    return cv2.warpAffine(image, m, (working_size, working_size), flags=interpolation,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def working_fov_mask(geometry: Geometry, working_size: int) -> np.ndarray:
+    m = geometry.original_to_working(working_size)
+    s = m[0, 0]
+    cx, cy = m @ [geometry.fov_cx, geometry.fov_cy, 1.0]
+    (x0, y0), (x1, y1) = m @ [geometry.fov_x0, geometry.fov_y0, 1.0], m @ [geometry.fov_x1, geometry.fov_y1, 1.0]
+    return fov_mask((working_size, working_size), cx, cy, geometry.fov_radius * s, (x0, y0, x1, y1))
+
+
+def preprocess_decoded(bgr: np.ndarray, scale: float, width: int, height: int, config: PreprocessConfig,
+                       orientation: int = 1) -> Preprocessed:
+    fov = find_field_of_view(bgr, config.min_fov_fraction)
+    geometry = geometry_for(fov, scale, width, height, orientation)
+    rgb = to_working(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), geometry, config.working_size, scale)
+    rgb = _clahe(rgb, config) * working_fov_mask(geometry, config.working_size)[..., None]
+    pixels = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) * np.float32(1.0 / 255.0)
+    return Preprocessed(pixels, geometry)
+
+
+def preprocess(data: bytes, config: PreprocessConfig = PreprocessConfig()) -> Preprocessed:
+    """Encoded photo bytes -> model input and geometry. Raises ImageError with the reason."""
+    bgr, scale, (_, width, height, orientation) = decode(data, config)
+    return preprocess_decoded(bgr, scale, width, height, config, orientation)

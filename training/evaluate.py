@@ -1,0 +1,99 @@
+"""Evaluate a checkpoint or an ONNX model at full resolution, exactly along the serving path.
+
+Each photo: bytes -> preprocess_backend.preprocess -> model -> postprocess_backend (probability at the
+original size, threshold, speck removal) -> scored against the full-size mask inside the FOV.
+
+    python -m training.evaluate --checkpoint runs/supervised/best.pt [--split val] [--threshold 0.5]
+    python -m training.evaluate --onnx model_repository/unet/1/model.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from postprocess_backend import PostprocessConfig, min_lesion_area, original_fov_mask, probability_to_original, segment
+from preprocess_backend import PreprocessConfig, preprocess
+
+from .common import DEFAULT_DATA, load_checkpoint
+from .data import read_manifest
+from .metrics import SegmentationScores
+from .model import build_model
+
+Predictor = Callable[[np.ndarray], np.ndarray]  # [N, 3, S, S] float32 -> [N, 1, S, S] probabilities
+
+
+def torch_predictor(model: torch.nn.Module, device: torch.device | str = "cpu") -> Predictor:
+    model = model.eval().to(device)
+
+    @torch.no_grad()
+    def predict(pixels: np.ndarray) -> np.ndarray:
+        return torch.sigmoid(model(torch.from_numpy(pixels).to(device))).float().cpu().numpy()
+
+    return predict
+
+
+def onnx_predictor(path: Path, threads: int = 0) -> Predictor:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda pixels: session.run(None, {name: pixels})[0]
+
+
+def evaluate(predict: Predictor, manifest: Path, split: str = "val", threshold: float = 0.5,
+             preprocess_config: PreprocessConfig = PreprocessConfig(), progress: bool = True) -> dict:
+    """Scores at full resolution; also the Dice-optimal threshold on this split (for threshold choice)."""
+    rows = [r for r in read_manifest(manifest) if r.split == split]
+    post = PostprocessConfig(threshold=threshold)
+    scores = SegmentationScores()
+    for row in tqdm(rows, desc=f"eval {split}", disable=not progress, leave=False):
+        pre = preprocess(row.image.read_bytes(), preprocess_config)
+        prob = predict(pre.pixels[None])[0]
+        prob8 = probability_to_original(prob, pre.geometry)
+        seg = segment(prob8, pre.geometry, post, min_lesion_area(pre.geometry, post, prob.shape[-1]))
+        truth = cv2.imread(str(row.mask), cv2.IMREAD_GRAYSCALE)
+        scores.add(prob8, truth > 127, original_fov_mask(pre.geometry), seg.mask)
+    best_threshold, best_dice = scores.best_threshold()
+    return {**scores.summary(), "threshold": threshold, "split": split,
+            "dice_optimal_threshold": round(best_threshold, 4), "dice_at_optimal_threshold": best_dice}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="training checkpoint (.pt)")
+    source.add_argument("--onnx", type=Path, help="exported ONNX model")
+    parser.add_argument("--manifest", type=Path, default=DEFAULT_DATA / "idrid_he" / "manifest.csv")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="operating threshold (default: the checkpoint's chosen one, else 0.5)")
+    parser.add_argument("--output", type=Path, help="also write the scores as JSON here")
+    args = parser.parse_args(argv)
+
+    threshold = args.threshold
+    if args.checkpoint:
+        ckpt = load_checkpoint(args.checkpoint)
+        model = build_model(ckpt["model_config"])
+        model.load_state_dict(ckpt["state_dict"])
+        predict = torch_predictor(model)
+        threshold = threshold if threshold is not None else ckpt.get("threshold", 0.5)
+    else:
+        predict = onnx_predictor(args.onnx)
+    scores = evaluate(predict, args.manifest, args.split, 0.5 if threshold is None else threshold)
+    print(json.dumps(scores, indent=2))
+    if args.output:
+        args.output.write_text(json.dumps(scores, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

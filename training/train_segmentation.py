@@ -1,0 +1,182 @@
+"""Segmentation training: supervised, multi-task (with the reconstruction decoder), or fine-tuning.
+
+    # supervised baseline from random init
+    python -m training.train_segmentation --output runs/supervised
+    # multi-task: labelled patches train segmentation + reconstruction, unlabeled ones reconstruction only
+    python -m training.train_segmentation --unlabeled ../shared/data/fundus_unlabeled --output runs/mtl
+    # fine-tuning from a MoCo encoder or any earlier checkpoint
+    python -m training.train_segmentation --init runs/moco/last.pt --output runs/finetune
+    # the same under DDP
+    torchrun --nproc_per_node=2 -m training.train_segmentation ...
+
+Losses: segmentation = BCE + soft Dice on the soft working-grid target, inside the FOV, weighted per photo by
+label quality (lossy 512 px labels count half). Reconstruction = L1 between the decoder's output and the
+(augmented) input patch inside the FOV, weighted by --reconstruction-weight (default 0.5) for every patch.
+The final checkpoint carries the Dice-optimal threshold on `val`, which serving uses as its operating point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from preprocess_backend import PreprocessConfig
+
+from .common import (DEFAULT_DATA, REPO_ROOT, Distributed, json_safe, load_checkpoint, log_json, save_checkpoint,
+                     set_cpu_threads)
+from .data import PatchDataset, load_labelled, load_unlabeled
+from .evaluate import evaluate, torch_predictor
+from .model import DEFAULT_CHANNELS, build_model
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, fov: torch.Tensor,
+                      weight: torch.Tensor) -> torch.Tensor:
+    """Per-sample BCE + soft Dice inside the FOV, averaged with the per-sample label weights."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    bce = (bce * fov).flatten(1).sum(1) / fov.flatten(1).sum(1).clamp_min(1.0)
+    prob = torch.sigmoid(logits) * fov
+    inter = (prob * target).flatten(1).sum(1)
+    dice = 1.0 - (2.0 * inter + 1.0) / (prob.flatten(1).sum(1) + (target * fov).flatten(1).sum(1) + 1.0)
+    per_sample = bce + dice
+    return (per_sample * weight).sum() / weight.sum().clamp_min(1e-6)
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, pixels: torch.Tensor, fov: torch.Tensor) -> torch.Tensor:
+    return ((reconstruction - pixels).abs() * fov).sum() / (fov.sum() * pixels.shape[1]).clamp_min(1.0)
+
+
+def load_init(model: torch.nn.Module, path: Path) -> str:
+    """Initialise from a MoCo checkpoint (encoder only) or a segmentation checkpoint (all that matches)."""
+    ckpt = load_checkpoint(path)
+    state = ckpt["state_dict"]
+    if ckpt.get("stage") == "moco":
+        missing = model.encoder.load_state_dict(state, strict=True)
+        return f"encoder from MoCo checkpoint {path} ({missing})"
+    model.load_state_dict(state, strict=False)
+    return f"all weights from {ckpt.get('stage', '?')} checkpoint {path}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--manifest", type=Path, default=DEFAULT_DATA / "idrid_he" / "manifest.csv")
+    p.add_argument("--unlabeled", type=Path, default=None,
+                   help="folder of unlabeled photos: turns on multi-task training (reconstruction on them)")
+    p.add_argument("--init", type=Path, default=None, help="checkpoint to start from (MoCo or segmentation)")
+    p.add_argument("--output", type=Path, required=True, help="run folder: checkpoints and log.jsonl")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--steps-per-epoch", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=8, help="per process")
+    p.add_argument("--patch", type=int, default=256, help="patch side on the working grid")
+    p.add_argument("--working-size", type=int, default=PreprocessConfig().working_size)
+    p.add_argument("--channels", type=int, nargs="+", default=list(DEFAULT_CHANNELS))
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--reconstruction-weight", type=float, default=0.5)
+    p.add_argument("--unlabeled-fraction", type=float, default=0.5, help="share of patches from unlabeled photos")
+    p.add_argument("--lesion-focus", type=float, default=0.5, help="share of labelled patches centred on a lesion")
+    p.add_argument("--eval-every", type=int, default=5, help="epochs between val evaluations (0: only at the end)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--cache", type=Path, default=REPO_ROOT / ".cache" / "preprocessed")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    world = Distributed(args.device)
+    set_cpu_threads(world.world_size)
+    torch.manual_seed(args.seed)
+    multitask = args.unlabeled is not None
+    stage = "multitask" if multitask else ("finetune" if args.init else "supervised")
+    pre_config = PreprocessConfig(working_size=args.working_size)
+
+    labelled = load_labelled(args.manifest, "train", pre_config, args.cache)
+    unlabeled = load_unlabeled(args.unlabeled, pre_config, args.cache) if multitask else []
+    dataset = PatchDataset(labelled, args.patch, args.steps_per_epoch * args.batch_size * world.world_size,
+                           args.lesion_focus, args.seed, unlabeled, args.unlabeled_fraction)
+    sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed) if world.enabled else None
+    loader = DataLoader(dataset, args.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
+                        num_workers=args.workers, prefetch_factor=4 if args.workers else None,
+                        persistent_workers=args.workers > 0, pin_memory=world.device.type == "cuda")
+
+    model = build_model({"channels": args.channels}).to(world.device)
+    init_note = load_init(model, args.init) if args.init else "random init"
+    if world.enabled:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if world.device.type == "cuda" else model
+        ddp = DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None,
+                                      find_unused_parameters=not multitask)  # the unused reconstruction decoder
+    else:
+        ddp = model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    total_steps = args.epochs * args.steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / total_steps))))
+    log = args.output / "log.jsonl" if world.is_main else None
+    if world.is_main:
+        print(f"[{stage}] {len(labelled)} labelled, {len(unlabeled)} unlabeled photos; {init_note}; "
+              f"world size {world.world_size} on {world.device}", flush=True)
+
+    started, metrics = time.time(), {}
+    for epoch in range(args.epochs):
+        dataset.set_epoch(epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        ddp.train()
+        running = {"seg": 0.0, "rec": 0.0}
+        bar = tqdm(loader, desc=f"{stage} epoch {epoch + 1}/{args.epochs}",
+                   disable=args.no_progress or not world.is_main, leave=False)
+        for batch in bar:
+            pixels = batch["pixels"].to(world.device, non_blocking=True)
+            target, fov = batch["target"].to(world.device), batch["fov"].to(world.device)
+            weight = batch["label_weight"].to(world.device)
+            if multitask:
+                logits, reconstruction = ddp(pixels, reconstruct=True)
+                rec = reconstruction_loss(reconstruction, pixels, fov)
+            else:
+                logits, rec = ddp(pixels), torch.zeros((), device=world.device)
+            # Batches without a labelled patch still need the segmentation graph in the loss (DDP).
+            seg = segmentation_loss(logits, target, fov, weight) if weight.sum() > 0 else logits.sum() * 0.0
+            loss = seg + args.reconstruction_weight * rec
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            running["seg"] += seg.item()
+            running["rec"] += rec.item()
+            bar.set_postfix(seg=f"{seg.item():.3f}", rec=f"{rec.item():.3f}")
+        record = {"epoch": epoch + 1, "lr": schedule.get_last_lr()[0], "elapsed_s": round(time.time() - started, 1),
+                  **{f"loss_{k}": world.mean(v / len(loader)) for k, v in running.items()}}
+        last = epoch + 1 == args.epochs
+        if world.is_main and (last or (args.eval_every and (epoch + 1) % args.eval_every == 0)):
+            metrics = evaluate(torch_predictor(model, world.device), args.manifest, "val", progress=False)
+            model.train()
+            record.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if world.is_main:
+            log_json(log, record)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+                  flush=True)
+    if world.is_main:
+        # Operating point: the Dice-optimal threshold on val, then the scores at it.
+        threshold = metrics["dice_optimal_threshold"]
+        metrics = evaluate(torch_predictor(model, world.device), args.manifest, "val", threshold, progress=False)
+        metrics["train_wall_time_s"] = round(time.time() - started, 1)
+        save_checkpoint(args.output / "last.pt", model, stage=stage, config=json_safe(vars(args)) | {"init_note": init_note},
+                        metrics=metrics, manifest=args.manifest, extra={"threshold": threshold})
+        print(f"[{stage}] done: {metrics}", flush=True)
+    world.barrier()
+    world.close()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,8 @@ random key is generated and never shown, i.e. the APIs are closed.
 from __future__ import annotations
 
 import argparse
+import filecmp
+import json
 import os
 import secrets
 import shutil
@@ -23,6 +25,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -30,6 +33,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent
 ADMIN_HEADER = "admin-key"
 RESTRICTED = "model-repository,shared-memory"
+ENSEMBLE = "hemorrhage_segmentation"
 
 
 def find_tritonserver() -> tuple[Path, Path | None, list[str]]:
@@ -54,10 +58,15 @@ def prepare_backends(dist: Path) -> Path:
     target = REPO_ROOT / ".triton" / "backends"
     python_dir = target / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
-    for item in (dist / "backends" / "python").iterdir():
-        if item.is_file():
-            shutil.copy2(item, python_dir / item.name)
-    shutil.copy2(stub, python_dir / "triton_python_backend_stub")
+    files = {item.name: item for item in (dist / "backends" / "python").iterdir() if item.is_file()}
+    files["triton_python_backend_stub"] = stub
+    for name, source in files.items():
+        dest = python_dir / name
+        if not dest.exists() or not filecmp.cmp(source, dest, shallow=False):
+            # Copy beside, then rename: a server already running from this folder keeps its open files.
+            tmp = dest.with_name(f".{name}.{os.getpid()}")
+            shutil.copy2(source, tmp)
+            os.replace(tmp, dest)
     return target
 
 
@@ -88,6 +97,31 @@ def server_env(extra_libs: list[str]) -> dict:
     env["PYTHONPATH"] = ":".join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     return env
+
+
+def drain(url: str, admin_key: str, model: str, timeout: float) -> None:
+    """Stop new requests to the ensemble and wait for those in flight, before Triton itself stops.
+
+    Triton's own SIGTERM handling stops every model's scheduler at once, which fails ensemble requests
+    between two steps ("scheduler for model has stopped accepting new inference requests"). Unloading the
+    ensemble first refuses new requests while its composing models stay up until the in-flight ones finish.
+    """
+    def call(path: str, body: bytes | None = None) -> bytes:
+        request = urllib.request.Request(f"{url}{path}", data=body, headers={ADMIN_HEADER: admin_key})
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.read()
+
+    deadline = time.monotonic() + timeout
+    try:
+        call(f"/v2/repository/models/{model}/unload", b"{}")
+        while time.monotonic() < deadline:
+            states = json.loads(call("/v2/repository/index", b"{}"))
+            # UNLOADING while requests are in flight; UNAVAILABLE once the last one has completed.
+            if all(m.get("state") == "UNAVAILABLE" for m in states if m.get("name") == model):
+                return
+            time.sleep(0.2)
+    except OSError as exc:
+        print(f"serve.py: drain through the repository API failed ({exc}); stopping Triton directly", flush=True)
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float) -> bool:
@@ -125,31 +159,38 @@ def main(argv: list[str] | None = None) -> int:
     admin_key = os.environ.get("HEMOSEG_ADMIN_KEY") or secrets.token_urlsafe(32)
     process = subprocess.Popen(triton_command(args, binary, backends, admin_key), env=server_env(extra_libs))
 
-    stopping = False
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    url = f"http://{host}:{args.http_port}"
+    stop_requested = threading.Event()
 
-    def stop(signum, _frame):
-        nonlocal stopping
-        if not stopping:
-            stopping = True
+    def on_signal(signum, _frame):
+        if not stop_requested.is_set():
             print(f"serve.py: {signal.Signals(signum).name}: draining in-flight requests, then stopping", flush=True)
+            stop_requested.set()
+
+    def stopper():
+        stop_requested.wait()
+        if process.poll() is None:
+            drain(url, admin_key, ENSEMBLE, args.exit_timeout)
             process.send_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    threading.Thread(target=stopper, daemon=True).start()
+    stopping = stop_requested.is_set
 
-    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    if wait_ready(f"http://{host}:{args.http_port}", process, args.ready_timeout):
+    if wait_ready(url, process, args.ready_timeout):
         print(f"Triton is ready: model 'hemorrhage_segmentation'\n"
               f"  HTTP    http://{host}:{args.http_port}\n"
               f"  gRPC    {host}:{args.grpc_port}\n"
               f"  metrics http://{host}:{args.metrics_port}/metrics", flush=True)
-    elif not stopping:
+    elif not stopping():
         print("serve.py: Triton did not become ready; see its log above", file=sys.stderr, flush=True)
         process.send_signal(signal.SIGTERM)
         process.wait()
         return 1
     code = process.wait()
-    if stopping:
+    if stopping():
         return 0
     print(f"serve.py: tritonserver exited with code {code}", file=sys.stderr, flush=True)
     return code or 1

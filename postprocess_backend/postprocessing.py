@@ -54,8 +54,8 @@ def probability_to_original(probability: np.ndarray, geometry: Geometry) -> np.n
     m = geometry.working_to_original(working_size)
     m[0, 2] -= x0
     m[1, 2] -= y0
-    window = cv2.warpAffine(prob8, m, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
-                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    # Replicate, not zero, past the grid's edge: the FOV disc touches it, and the FOV mask cuts outside anyway.
+    window = cv2.warpAffine(prob8, m, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     window *= original_fov_mask(geometry, (x0, y0, x1, y1))
     out[y0:y1, x0:x1] = window
     return out

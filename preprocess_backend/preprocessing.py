@@ -94,6 +94,14 @@ class Preprocessed:
     geometry: Geometry
 
 
+_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"II*\x00": "TIFF", b"MM\x00*": "TIFF",
+               b"BM": "BMP"}
+
+
+def sniff_format(data: bytes) -> str | None:
+    return next((fmt for sig, fmt in _SIGNATURES.items() if data.startswith(sig)), None)
+
+
 def read_header(data: bytes, config: PreprocessConfig) -> tuple[str, int, int, int]:
     """Format, width, height and EXIF orientation, from the header only (no pixel decoding)."""
     if len(data) == 0:
@@ -105,6 +113,9 @@ def read_header(data: bytes, config: PreprocessConfig) -> tuple[str, int, int, i
             fmt, (width, height) = im.format, im.size
             orientation = int(im.getexif().get(0x0112, 1)) if fmt in ("JPEG", "TIFF") else 1
     except Image.UnidentifiedImageError:
+        fmt = sniff_format(data)
+        if fmt:
+            raise ImageError(f"damaged {fmt} file: its header cannot be read") from None
         raise ImageError("not an image file: the bytes match no known image format") from None
     except Exception as exc:  # PIL raises many types for damaged headers; all mean the same to the client
         raise ImageError(f"damaged image header ({exc})") from None

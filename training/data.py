@@ -108,9 +108,20 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def load_unlabeled(folder: Path, config: PreprocessConfig, cache_dir: Path | None = None) -> list[Example]:
+def split_ids(manifest: Path | None, split: str) -> set[str]:
+    if manifest is None or not Path(manifest).exists():
+        return set()
+    return {r.id for r in read_manifest(Path(manifest)) if r.split == split}
+
+
+def load_unlabeled(folder: Path, config: PreprocessConfig, cache_dir: Path | None = None,
+                   exclude_ids: set[str] = frozenset()) -> list[Example]:
+    """Unlabeled photos, less those whose file stem is in `exclude_ids` (the validation photos: the
+    unlabeled IDRiD folder holds them too, and seeing them even without labels would flatter val scores)."""
     out = []
     for p in list_images(folder):
+        if p.stem in exclude_ids:
+            continue
         key = {"image": str(p), "config": repr(config), "v": 1}
         out.append(_cached(key, cache_dir, lambda p=p: load_example(p, None, config)))
     return out
@@ -119,15 +130,19 @@ def load_unlabeled(folder: Path, config: PreprocessConfig, cache_dir: Path | Non
 # ---------------------------------------------------------------------------------------------- augmentation
 
 def augment(rng: np.random.Generator, pixels: np.ndarray, *masks: np.ndarray, patch: int,
-            lesion_focus: float = 0.0, target: np.ndarray | None = None):
+            lesion_focus: float = 0.0, target: np.ndarray | None = None, centre: tuple[float, float] | None = None):
     """Random scale/rotation/flip crop of `patch` px, and photometric jitter. Masks follow the geometry.
 
     With probability `lesion_focus` the crop is centred near a lesion pixel of `target`.
+    With `centre` = (y, x) on the working grid, it is centred within +-patch/3 of that point (MoCo's two
+    overlapping views of one photo).
     """
     s = pixels.shape[0]
     scale = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))
     angle = float(rng.uniform(-30.0, 30.0))
-    if target is not None and rng.random() < lesion_focus:
+    if centre is not None:
+        cy, cx = centre[0] + rng.uniform(-patch / 3, patch / 3), centre[1] + rng.uniform(-patch / 3, patch / 3)
+    elif target is not None and rng.random() < lesion_focus:
         ys, xs = np.nonzero(target > 64)
         if ys.size:
             i = rng.integers(ys.size)

@@ -77,19 +77,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="val")
     parser.add_argument("--threshold", type=float, default=None,
                         help="operating threshold (default: the checkpoint's chosen one, else 0.5)")
+    parser.add_argument("--working-size", type=int, default=None,
+                        help="preprocessing working size (default: the checkpoint's training one, else "
+                             f"{PreprocessConfig().working_size})")
     parser.add_argument("--output", type=Path, help="also write the scores as JSON here")
     args = parser.parse_args(argv)
 
-    threshold = args.threshold
+    threshold, working_size = args.threshold, args.working_size
     if args.checkpoint:
         ckpt = load_checkpoint(args.checkpoint)
         model = build_model(ckpt["model_config"])
         model.load_state_dict(ckpt["state_dict"])
         predict = torch_predictor(model)
         threshold = threshold if threshold is not None else ckpt.get("threshold", 0.5)
+        working_size = working_size or ckpt.get("config", {}).get("working_size")
     else:
         predict = onnx_predictor(args.onnx)
-    scores = evaluate(predict, args.manifest, args.split, 0.5 if threshold is None else threshold)
+    config = PreprocessConfig(working_size=working_size or PreprocessConfig().working_size)
+    scores = evaluate(predict, args.manifest, args.split, 0.5 if threshold is None else threshold, config)
     print(json.dumps(scores, indent=2))
     if args.output:
         args.output.write_text(json.dumps(scores, indent=2) + "\n")

@@ -1,0 +1,125 @@
+"""Unit tests of postprocess_backend, and the geometry round trip preprocess -> postprocess."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from postprocess_backend import (
+    PostprocessConfig, error_report, min_lesion_area, original_fov_mask, postprocess, probability_to_original,
+    threshold_level,
+)
+from preprocess_backend import Geometry, preprocess, to_working
+from tests.conftest import SAMPLE_PHOTOS
+from tests.fundus import encode, synthetic_fundus
+
+S = 640
+
+
+def _geometry(width=1000, height=800, radius=380.0) -> Geometry:
+    cx, cy = width / 2, height / 2
+    return Geometry(width, height, cx - radius, cy - radius, 2 * radius, cx, cy, radius, cx - radius,
+                    max(0.0, cy - radius), cx + radius, min(height, cy + radius), np.pi * radius**2)
+
+
+def _decode(png: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def test_threshold_level():
+    assert threshold_level(0.5) == 128  # round(255 * p) >= 128  <=>  p >= 0.5 (to within 1/510)
+    assert threshold_level(0.0) == 1
+    assert threshold_level(1.0) == 255
+    assert threshold_level(100 / 255) == 100
+
+
+@pytest.mark.parametrize("photo", SAMPLE_PHOTOS[:2], ids=lambda p: p.name)
+def test_geometry_round_trip_on_real_photo(photo):
+    """A mask drawn in original coordinates survives preprocess -> (working grid) -> postprocess."""
+    pre = preprocess(photo.read_bytes())
+    g = pre.geometry
+    truth = np.zeros((g.height, g.width), np.uint8)
+    blobs = [(int(g.fov_cx), int(g.fov_cy), 120), (int(g.fov_cx - 700), int(g.fov_cy + 500), 60),
+             (int(g.fov_cx + 900), int(g.fov_cy - 600), 90)]
+    for x, y, r in blobs:
+        cv2.circle(truth, (x, y), r, 255, -1)
+    working = to_working(truth, g, S).astype(np.float32) / 255.0  # what a perfect model would output
+    result = postprocess(working[None], g, PostprocessConfig(threshold=0.5))
+    mask = _decode(result.mask_png)
+    assert mask.shape == (g.height, g.width)
+    inter = np.count_nonzero((mask > 0) & (truth > 0))
+    union = np.count_nonzero((mask > 0) | (truth > 0))
+    assert inter / union > 0.93
+    report = result.report
+    assert report["totals"]["count"] == 3
+    for (x, y, r), lesion in zip(sorted(blobs), sorted(report["lesions"], key=lambda les: les["centroid"]["x"])):
+        assert abs(lesion["centroid"]["x"] - x) < 3 and abs(lesion["centroid"]["y"] - y) < 3
+        assert abs(lesion["area_px"] / (np.pi * r * r) - 1) < 0.08
+
+
+def test_probability_map_is_round_255p_inside_the_fov_only():
+    g = _geometry()
+    prob = np.full((1, S, S), 0.8, np.float32)
+    result = postprocess(prob, g, PostprocessConfig(), with_probability=True)
+    p8 = _decode(result.probability_png)
+    assert p8.shape == (800, 1000) and p8.dtype == np.uint8
+    fov = original_fov_mask(g)
+    assert set(np.unique(p8[fov > 0])) == {204}  # round(255 * 0.8)
+    assert p8[fov == 0].max() == 0
+    assert postprocess(prob, g, PostprocessConfig()).probability_png == b""
+
+
+def test_specks_are_removed_and_lesions_reported():
+    g = _geometry()
+    prob = np.zeros((S, S), np.float32)
+    prob[300:320, 300:330] = 0.9  # a lesion, top-left of the centre
+    prob[400:410, 350:355] = 0.6  # another, lower right, weaker
+    prob[100, 320] = 0.99  # a one-pixel speck: below the minimum area
+    result = postprocess(prob[None], g, PostprocessConfig(threshold=0.5))
+    report = json.loads(json.dumps(result.report))  # JSON-serialisable
+    assert report["schema_version"] == "1.0" and report["status"] == "ok"
+    assert report["totals"]["count"] == 2
+    strong, weak = sorted(report["lesions"], key=lambda les: -les["max_probability"])
+    assert strong["max_probability"] == pytest.approx(0.9, abs=0.01)
+    assert strong["mean_probability"] <= strong["max_probability"]
+    assert strong["quadrant"] == "upper_left" and weak["quadrant"] == "lower_right"
+    mask = _decode(result.mask_png)
+    assert np.count_nonzero(mask) == report["totals"]["area_px"] == strong["area_px"] + weak["area_px"]
+    assert set(np.unique(mask)) <= {0, 255}
+    assert report["quadrants"]["upper_left"]["count"] == 1 and report["quadrants"]["lower_right"]["count"] == 1
+    assert report["totals"]["area_fov_fraction"] == pytest.approx(report["totals"]["area_px"] / g.fov_area, rel=1e-4)
+    assert report["min_lesion_area_px"] == min_lesion_area(g, PostprocessConfig(), S)
+    bx = strong["bbox"]
+    assert mask[bx["y"]:bx["y"] + bx["height"], bx["x"]:bx["x"] + bx["width"]].any()
+
+
+def test_nothing_outside_the_field_of_view():
+    g = _geometry()
+    prob = np.ones((1, S, S), np.float32)
+    prob8 = probability_to_original(prob, g)
+    assert prob8[0, 0] == 0 and prob8[400, 500] == 255
+
+
+def test_empty_prediction_gives_an_empty_mask_and_report():
+    g = _geometry()
+    result = postprocess(np.zeros((1, S, S), np.float32), g, PostprocessConfig())
+    assert _decode(result.mask_png).max() == 0
+    assert result.report["lesions"] == [] and result.report["totals"]["count"] == 0
+
+
+def test_error_report():
+    r = error_report(3, "image 3: not an image file")
+    assert r["status"] == "error" and r["image_index"] == 3 and "not an image" in r["error"]
+
+
+def test_synthetic_photo_round_trip_through_both_backends():
+    img, truth = synthetic_fundus(1200, 900, blobs=[(500, 400, 40), (800, 600, 25)])
+    pre = preprocess(encode(img, ".png"))
+    working = to_working(truth, pre.geometry, S).astype(np.float32) / 255.0
+    mask = _decode(postprocess(working[None], pre.geometry, PostprocessConfig()).mask_png)
+    assert mask.shape == truth.shape
+    inter, union = np.count_nonzero((mask > 0) & (truth > 0)), np.count_nonzero((mask > 0) | (truth > 0))
+    assert inter / union > 0.85

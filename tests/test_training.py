@@ -1,0 +1,359 @@
+"""Training package: MoCo mechanics, metrics against scikit-learn, and every entry point on generated photos.
+
+Nothing here reads the shared data: the photos are synthetic fundus-like images (a reddish disc on black with
+dark red blobs as haemorrhages) written to tmp_path, with a manifest in the real one's format.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training import evaluate, pretrain_moco, train_segmentation
+from training.common import load_checkpoint
+from training.metrics import SegmentationScores, average_precision_from_histograms, lesion_matches
+from training.model import Encoder, build_model
+from training.moco import MoCo, info_nce
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHANNELS = ["4", "8", "8", "8", "8"]
+TINY = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--patch", "64", "--working-size", "128",
+        "--channels", *CHANNELS, "--no-progress", "--seed", "0"]
+
+
+# ------------------------------------------------------------------------------------------------ synthetic data
+
+def fundus_photo(rng: np.random.Generator, width: int = 400, height: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    """BGR photo and its 0/255 haemorrhage mask: an orange-red disc, a pale optic disc, dark red blobs."""
+    yy, xx = np.mgrid[:height, :width].astype(np.float32)
+    cx, cy, r = width / 2 + rng.uniform(-10, 10), height / 2, 0.47 * height
+    d = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) / r
+    shade = np.clip(1.0 - 0.5 * d**2, 0, 1)[..., None]
+    img = shade * np.array([30, 90, 200], np.float32) + rng.normal(0, 4, (height, width, 3))
+    ox, oy = cx + rng.choice([-1, 1]) * 0.5 * r, cy + rng.uniform(-20, 20)
+    img[(xx - ox) ** 2 + (yy - oy) ** 2 < (0.12 * r) ** 2] = (150, 210, 240)  # optic disc
+    mask = np.zeros((height, width), np.uint8)
+    for _ in range(rng.integers(3, 7)):
+        a, t = rng.uniform(0, 0.8 * r), rng.uniform(0, 2 * np.pi)
+        centre = (int(cx + a * np.cos(t)), int(cy + a * np.sin(t)))
+        axes = (int(rng.integers(3, 10)), int(rng.integers(3, 10)))
+        cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, 255, -1)
+    img[mask > 0] = img[mask > 0] * 0.35 + np.array([15, 20, 70], np.float32) * 0.65
+    img[d > 1.0] = 0
+    mask[d > 1.0] = 0
+    return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("fundus")
+    rng = np.random.default_rng(0)
+    (root / "idrid_he" / "images").mkdir(parents=True)
+    (root / "idrid_he" / "masks").mkdir()
+    rows = []
+    for i, (split, quality) in enumerate([("train", "exact"), ("train", "exact"), ("train", "lossy-512"),
+                                          ("val", "exact"), ("val", "exact")]):
+        img, mask = fundus_photo(rng)
+        name = f"SYN_{i:02d}"
+        cv2.imwrite(str(root / "idrid_he" / "images" / f"{name}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 92])
+        cv2.imwrite(str(root / "idrid_he" / "masks" / f"{name}_HE.png"), mask)
+        rows.append({"id": name, "image": f"images/{name}.jpg", "mask": f"masks/{name}_HE.png", "width": 400,
+                     "height": 300, "label_quality": quality, "split": split,
+                     "he_fraction": round(float((mask > 0).mean()), 5)})
+    manifest = root / "idrid_he" / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    unlabeled = root / "unlabeled"
+    for sub, ext in (("a", ".jpg"), ("b", ".png")):
+        (unlabeled / sub).mkdir(parents=True)
+        for i in range(2):
+            cv2.imwrite(str(unlabeled / sub / f"u{i}{ext}"), fundus_photo(rng, 360, 320)[0])
+    return {"manifest": manifest, "unlabeled": unlabeled, "cache": root / "cache"}
+
+
+def common_args(data: dict) -> list[str]:
+    return [*TINY, "--cache", str(data["cache"])]
+
+
+# ----------------------------------------------------------------------------------------------------- MoCo
+
+def tiny_moco(**kw) -> MoCo:
+    torch.manual_seed(0)
+    return MoCo((4, 8, 8), dim=8, **kw)
+
+
+def test_moco_queue_pointer_wraps_and_stores_keys():
+    moco = tiny_moco(queue_size=10)
+    assert moco.queue.shape == (8, 10) and int(moco.queue_ptr) == 0
+    batches = [F.normalize(torch.randn(4, 8), dim=1) for _ in range(3)]
+    moco._dequeue_and_enqueue(batches[0])
+    assert int(moco.queue_ptr) == 4
+    torch.testing.assert_close(moco.queue[:, 0:4], batches[0].T, rtol=0, atol=0)
+    moco._dequeue_and_enqueue(batches[1])
+    assert int(moco.queue_ptr) == 8
+    moco._dequeue_and_enqueue(batches[2])  # columns 8, 9, then wraps to 0, 1
+    assert int(moco.queue_ptr) == 2
+    torch.testing.assert_close(moco.queue[:, [8, 9, 0, 1]], batches[2].T, rtol=0, atol=0)
+    torch.testing.assert_close(moco.queue[:, 2:4], batches[0].T[:, 2:4], rtol=0, atol=0)
+    torch.testing.assert_close(moco.queue[:, 4:8], batches[1].T, rtol=0, atol=0)
+
+
+def test_moco_forward_enqueues_normalised_keys_of_the_key_encoder():
+    moco = tiny_moco(queue_size=16).train()
+    im_q, im_k = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
+    loss, logits, labels = moco(im_q, im_k)
+    assert logits.shape == (4, 1 + 16) and labels.tolist() == [0] * 4 and torch.isfinite(loss)
+    assert int(moco.queue_ptr) == 4
+    with torch.no_grad():
+        expected = moco.embed_key(im_k)  # same batch in train mode: same BN statistics
+    torch.testing.assert_close(moco.queue[:, :4], expected.T)
+    torch.testing.assert_close(moco.queue[:, :4].norm(dim=0), torch.ones(4))
+
+
+def test_moco_momentum_update_and_no_gradient_to_key_encoder():
+    moco = tiny_moco(momentum=0.9)
+    with torch.no_grad():  # make query and key differ
+        for p in moco.query_parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in moco.key_parameters()]
+    query = [p.clone() for p in moco.query_parameters()]
+    moco._momentum_update_key_encoder()
+    for k0, q, k1 in zip(before, query, moco.key_parameters()):
+        torch.testing.assert_close(k1, 0.9 * k0 + 0.1 * q)
+        assert not torch.equal(k1, k0)
+    assert all(not p.requires_grad for p in moco.key_parameters())
+    assert all(p.requires_grad for p in moco.query_parameters())
+    loss, _, _ = moco(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32))
+    loss.backward()
+    assert all(p.grad is None for p in moco.key_parameters())
+    assert all(p.grad is not None for p in moco.query_parameters())
+    assert not moco.queue.requires_grad
+
+
+def test_info_nce_aligned_pairs_beat_random():
+    n, c, k = 4, 16, 8
+    q = torch.eye(c)[:n]  # [N, C] unit vectors
+    queue = torch.eye(c)[n:n + k].T  # [C, K] orthogonal to every query
+    aligned, logits, labels = info_nce(q, q.clone(), queue, temperature=0.2)
+    assert logits.shape == (n, 1 + k) and labels.shape == (n,)
+    torch.manual_seed(0)
+    rq, rk = F.normalize(torch.randn(n, c), dim=1), F.normalize(torch.randn(n, c), dim=1)
+    random_loss, _, _ = info_nce(rq, rk, F.normalize(torch.randn(c, k), dim=0), temperature=0.2)
+    assert aligned < random_loss
+    # Exact value: the positive at 1/T, every negative at 0.
+    expected = -torch.log(torch.exp(torch.tensor(5.0)) / (torch.exp(torch.tensor(5.0)) + k))
+    torch.testing.assert_close(aligned, expected)
+
+
+# -------------------------------------------------------------------------------------------------- metrics
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_average_precision_from_histograms_matches_sklearn(seed):
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(seed)
+    labels = rng.random(20000) < 0.05
+    # Ties everywhere (256 levels) and some signal, as for served uint8 probabilities.
+    scores = np.clip(rng.integers(0, 256, labels.size) + labels * rng.integers(0, 120, labels.size), 0, 255)
+    scores = scores.astype(np.uint8)
+    pos = np.bincount(scores[labels], minlength=256)
+    neg = np.bincount(scores[~labels], minlength=256)
+    assert abs(average_precision_from_histograms(pos, neg) - average_precision_score(labels, scores)) < 1e-9
+    pure_noise = rng.integers(0, 256, labels.size).astype(np.uint8)
+    pos, neg = np.bincount(pure_noise[labels], minlength=256), np.bincount(pure_noise[~labels], minlength=256)
+    assert abs(average_precision_from_histograms(pos, neg) - average_precision_score(labels, pure_noise)) < 1e-9
+
+
+def test_lesion_matches_and_dice_on_hand_built_masks():
+    truth = np.zeros((20, 20), np.uint8)
+    truth[2:4, 2:4] = 1  # lesion A, 4 px
+    truth[10:12, 10:12] = 1  # lesion B, 4 px (missed)
+    pred = np.zeros_like(truth)
+    pred[3:5, 2:4] = 1  # overlaps A by 2 px
+    pred[15:17, 15:16] = 1  # false positive
+    pred[0, 19] = 1  # another false positive
+    assert lesion_matches(truth, pred) == (1, 2, 1, 3)
+    assert lesion_matches(truth, np.zeros_like(truth)) == (0, 2, 0, 0)
+
+    fov = np.ones_like(truth)
+    fov[0, :] = 0  # the lone corner prediction is outside the FOV
+    scores = SegmentationScores()
+    prob8 = (pred * 200).astype(np.uint8)
+    scores.add(prob8, truth, fov, pred)
+    s = scores.summary()
+    # |pred & truth| = 2; |pred| (inside FOV) = 4 + 2; |truth| = 8 -> Dice 4 / 14.
+    assert s["dice"] == pytest.approx(4 / 14) and s["dice_mean"] == pytest.approx(4 / 14)
+    assert (s["lesions_true"], s["lesions_predicted"]) == (2, 2)
+    assert s["lesion_sensitivity"] == 0.5 and s["lesion_precision"] == 0.5
+    perfect = SegmentationScores()
+    perfect.add((truth * 255).astype(np.uint8), truth, np.ones_like(truth), truth)
+    assert perfect.summary()["dice"] == 1.0 and perfect.summary()["pixel_aupr"] == 1.0
+    assert perfect.best_threshold()[1] == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+
+def check_provenance(ckpt: dict, stage: str) -> None:
+    assert ckpt["stage"] == stage
+    assert ckpt["config"]["working_size"] == 128 and ckpt["config"]["channels"] == [int(c) for c in CHANNELS]
+    assert ckpt["git_commit"] and ckpt["created"]
+    assert ckpt["metrics"]
+
+
+@pytest.fixture(scope="module")
+def moco_checkpoint(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("moco")
+    pretrain_moco.main(["--unlabeled", str(data["unlabeled"] / "a"), "--unlabeled", str(data["unlabeled"] / "b"),
+                        "--manifest", str(data["manifest"]), "--output", str(out), "--queue-size", "16",
+                        "--workers", "1", *common_args(data)])
+    return out / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def supervised_checkpoint(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("supervised")
+    metrics = train_segmentation.main(["--manifest", str(data["manifest"]), "--output", str(out), "--workers", "0",
+                                       *common_args(data)])
+    assert metrics["images"] == 2
+    return out / "last.pt"
+
+
+def test_pretrain_moco_checkpoint(moco_checkpoint, data):
+    ckpt = load_checkpoint(moco_checkpoint)
+    check_provenance(ckpt, "moco")
+    assert ckpt["manifest_sha256"] and ckpt["unlabeled_sha256"]
+    assert ckpt["unlabeled_images"] == 4 and ckpt["manifest_images"] == 3
+    assert np.isfinite(ckpt["metrics"]["loss"]) and 0.0 <= ckpt["metrics"]["top1"] <= 1.0
+    encoder = Encoder(3, tuple(int(c) for c in CHANNELS))
+    encoder.load_state_dict(ckpt["state_dict"], strict=True)  # the encoder alone, as load_init expects
+    assert ckpt["model_config"]["channels"] == [int(c) for c in CHANNELS]
+    log = [json.loads(line) for line in (moco_checkpoint.parent / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["epoch"] == 1
+
+
+def test_two_views_overlap_and_stay_inside_fov(data):
+    from preprocess_backend import PreprocessConfig
+    from training.data import load_unlabeled
+
+    photos = load_unlabeled(data["unlabeled"], PreprocessConfig(working_size=128), data["cache"])
+    ds = pretrain_moco.TwoViewDataset(photos, patch=64, length=8, seed=3)
+    a, b = ds[5], ds[5]
+    assert torch.equal(a["view_q"], b["view_q"]) and torch.equal(a["view_k"], b["view_k"])  # reproducible
+    assert a["view_q"].shape == (3, 64, 64) and not torch.equal(a["view_q"], a["view_k"])
+    ds.set_epoch(1)
+    assert not torch.equal(ds[5]["view_q"], a["view_q"])
+    for i in range(8):
+        v = ds[i]["view_q"]
+        assert 0.0 <= v.min() and v.max() <= 1.0 and v.abs().sum() > 0
+
+
+def test_train_supervised_checkpoint(supervised_checkpoint, data):
+    ckpt = load_checkpoint(supervised_checkpoint)
+    check_provenance(ckpt, "supervised")
+    from training.data import manifest_hash
+    assert ckpt["manifest_sha256"] == manifest_hash(data["manifest"])
+    assert 0.0 < ckpt["threshold"] < 1.0 and ckpt["metrics"]["threshold"] == ckpt["threshold"]
+    assert {"pixel_aupr", "dice", "lesion_sensitivity", "dice_optimal_threshold"} <= set(ckpt["metrics"])
+    build_model(ckpt["model_config"]).load_state_dict(ckpt["state_dict"])
+
+
+def test_train_multitask(data, tmp_path):
+    train_segmentation.main(["--manifest", str(data["manifest"]), "--unlabeled", str(data["unlabeled"]),
+                             "--output", str(tmp_path), "--workers", "0", *common_args(data)])
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    check_provenance(ckpt, "multitask")
+    log = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert log["loss_rec"] > 0 and "val_pixel_aupr" in log
+
+
+def test_finetune_from_moco(moco_checkpoint, data, tmp_path):
+    train_segmentation.main(["--manifest", str(data["manifest"]), "--init", str(moco_checkpoint),
+                             "--output", str(tmp_path), "--workers", "0", "--lr", "0", *common_args(data)])
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    check_provenance(ckpt, "finetune")
+    assert "MoCo" in ckpt["config"]["init_note"]
+    # With lr 0 the encoder weights are exactly the pretrained ones (BN running stats still move).
+    moco_state = load_checkpoint(moco_checkpoint)["state_dict"]
+    for name, value in moco_state.items():
+        if "running" not in name and "num_batches" not in name:
+            assert torch.equal(ckpt["state_dict"][f"encoder.{name}"], value), name
+
+
+def test_evaluate_cli(supervised_checkpoint, data, tmp_path, capsys):
+    out = tmp_path / "scores.json"
+    evaluate.main(["--checkpoint", str(supervised_checkpoint), "--manifest", str(data["manifest"]),
+                   "--output", str(out)])
+    scores = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == scores
+    ckpt = load_checkpoint(supervised_checkpoint)
+    assert scores["images"] == 2 and scores["split"] == "val" and scores["threshold"] == ckpt["threshold"]
+    # Same working size (from the checkpoint) and threshold as at the end of training: the same scores.
+    for key in ("pixel_aupr", "dice", "lesions_true", "lesions_predicted"):
+        assert scores[key] == pytest.approx(ckpt["metrics"][key], nan_ok=True), key
+
+
+# ------------------------------------------------------------------------------------------------------- DDP
+
+def torchrun(module: str, args: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node=2", "--standalone", "-m", module,
+           *args]
+    r = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+
+
+def load_rank_states(folder: Path) -> tuple[dict, dict]:
+    return (torch.load(folder / "rank0.pt", weights_only=True), torch.load(folder / "rank1.pt", weights_only=True))
+
+
+def test_ddp_train_segmentation_keeps_ranks_identical(data, tmp_path):
+    states = tmp_path / "states"
+    torchrun("training.train_segmentation", ["--manifest", str(data["manifest"]), "--output", str(tmp_path / "run"),
+                                             "--workers", "0", "--save-rank-states", str(states),
+                                             *common_args(data)])
+    r0, r1 = load_rank_states(states)
+    params = {name for name, _ in build_model({"channels": [int(c) for c in CHANNELS]}).named_parameters()}
+    assert params <= set(r0) and set(r0) == set(r1)
+    for name in params:
+        assert torch.equal(r0[name], r1[name]), name
+    # The ranks did see different patches: BN running statistics of the last local forward differ.
+    assert any(not torch.equal(r0[k], r1[k]) for k in r0 if k.endswith("running_mean"))
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    check_provenance(ckpt, "supervised")
+    for name in params:
+        assert torch.equal(ckpt["state_dict"][name], r0[name])
+
+
+def test_ddp_pretrain_moco_keeps_ranks_identical(data, tmp_path):
+    states = tmp_path / "states"
+    torchrun("training.pretrain_moco", ["--unlabeled", str(data["unlabeled"]), "--output", str(tmp_path / "run"),
+                                        "--queue-size", "16", "--workers", "0", "--save-rank-states", str(states),
+                                        *common_args(data)])
+    r0, r1 = load_rank_states(states)
+    moco = MoCo(tuple(int(c) for c in CHANNELS), queue_size=16)
+    params = {name for name, _ in moco.named_parameters()}
+    assert set(r0) == set(r1) == set(moco.state_dict())
+    for name in params | {"queue", "queue_ptr"}:  # the queue holds both ranks' keys (all_gather)
+        assert torch.equal(r0[name], r1[name]), name
+    # 2 steps x 2 ranks x 2 keys were enqueued; the key encoder moved off its initial copy of the query.
+    assert int(r0["queue_ptr"]) == 8
+    assert any(not torch.equal(r0[f"encoder_q.{n}"], r0[f"encoder_k.{n}"])
+               for n, _ in moco.encoder_q.named_parameters())
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    check_provenance(ckpt, "moco")
+    assert ckpt["config"]["world_size"] == 2
+    for name, value in ckpt["state_dict"].items():
+        if "running" not in name and "num_batches" not in name:
+            assert torch.equal(value, r0[f"encoder_q.{name}"]), name

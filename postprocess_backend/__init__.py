@@ -6,18 +6,19 @@ from .postprocessing import (
     PostprocessConfig,
     PostprocessResult,
     encode_png,
+    Lesion,
     error_report,
+    find_lesions,
     lesion_report,
     min_lesion_area,
     original_fov_mask,
     postprocess,
     probability_to_original,
-    segment,
     threshold_level,
 )
 
 __all__ = [
-    "QUADRANTS", "REPORT_SCHEMA_VERSION", "PostprocessConfig", "PostprocessResult", "encode_png", "error_report",
-    "lesion_report", "min_lesion_area", "original_fov_mask", "postprocess", "probability_to_original", "segment",
+    "QUADRANTS", "REPORT_SCHEMA_VERSION", "PostprocessConfig", "PostprocessResult", "encode_png", "error_report", "find_lesions", "Lesion",
+    "lesion_report", "min_lesion_area", "original_fov_mask", "postprocess", "probability_to_original",
     "threshold_level",
 ]

@@ -7,6 +7,8 @@ PROBABILITY output carries, so the mask is exactly `probability >= ceil(255 * th
 from __future__ import annotations
 
 import math
+import struct
+import zlib
 from dataclasses import dataclass
 
 import cv2
@@ -17,9 +19,7 @@ from preprocess_backend import Geometry
 REPORT_SCHEMA_VERSION = "1.0"
 QUADRANTS = ("upper_left", "upper_right", "lower_left", "lower_right")
 
-# PNG of a 0/255 mask: one-pass Huffman-only zlib is ~10x faster than the default and barely larger,
-# because the mask is almost all zeros.
-_PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -35,29 +35,38 @@ def threshold_level(threshold: float) -> int:
     return int(min(255, max(1, math.ceil(round(threshold * 255.0, 6)))))
 
 
-def probability_to_original(probability: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """uint8 probability map (round(255 p)) on the original H x W grid, zero outside the FOV.
-
-    `probability` is the model's square working grid, [S, S] (or [1, S, S]).
-    """
+def _prob8(probability: np.ndarray) -> np.ndarray:
+    """The model's [S, S] (or [1, S, S]) probabilities as uint8 round(255 p)."""
     prob = np.asarray(probability, dtype=np.float32)
-    working_size = prob.shape[-1]
-    prob = prob.reshape(working_size, working_size)
-    prob8 = np.rint(np.clip(prob, 0.0, 1.0) * 255.0).astype(np.uint8)
-    w, h = geometry.width, geometry.height
-    # Only the FOV box can be non-zero: warp into that window, not the whole photo.
+    side = prob.shape[-1]
+    return np.rint(np.clip(prob.reshape(side, side), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _fov_box(geometry: Geometry) -> tuple[int, int, int, int]:
     x0, y0 = max(0, int(math.floor(geometry.fov_x0))), max(0, int(math.floor(geometry.fov_y0)))
-    x1, y1 = min(w, int(math.ceil(geometry.fov_x1))), min(h, int(math.ceil(geometry.fov_y1)))
-    out = np.zeros((h, w), dtype=np.uint8)
-    if x1 <= x0 or y1 <= y0:
-        return out
-    m = geometry.working_to_original(working_size)
+    x1 = min(geometry.width, int(math.ceil(geometry.fov_x1)))
+    y1 = min(geometry.height, int(math.ceil(geometry.fov_y1)))
+    return x0, y0, x1, y1
+
+
+def _warp_window(prob8: np.ndarray, geometry: Geometry, window: tuple[int, int, int, int]) -> np.ndarray:
+    """Bilinear uint8 probability on the original-grid window (x0, y0, x1, y1), zero outside the FOV."""
+    x0, y0, x1, y1 = window
+    m = geometry.working_to_original(prob8.shape[0])
     m[0, 2] -= x0
     m[1, 2] -= y0
     # Replicate, not zero, past the grid's edge: the FOV disc touches it, and the FOV mask cuts outside anyway.
-    window = cv2.warpAffine(prob8, m, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    window *= original_fov_mask(geometry, (x0, y0, x1, y1))
-    out[y0:y1, x0:x1] = window
+    out = cv2.warpAffine(prob8, m, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    out *= original_fov_mask(geometry, window)
+    return out
+
+
+def probability_to_original(probability: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """uint8 probability map (round(255 p)) on the original H x W grid, zero outside the FOV."""
+    out = np.zeros((geometry.height, geometry.width), dtype=np.uint8)
+    x0, y0, x1, y1 = _fov_box(geometry)
+    if x1 > x0 and y1 > y0:
+        out[y0:y1, x0:x1] = _warp_window(_prob8(probability), geometry, (x0, y0, x1, y1))
     return out
 
 
@@ -80,24 +89,89 @@ def min_lesion_area(geometry: Geometry, config: PostprocessConfig, working_size:
     return max(1, int(round(config.min_lesion_working_px * (geometry.square_side / working_size) ** 2)))
 
 
-@dataclass
-class Segmentation:
-    mask: np.ndarray  # uint8 {0, 255}, H x W
-    labels: np.ndarray  # int32 component labels after speck removal (0 = background)
-    stats: np.ndarray  # cv2 component stats of the kept lesions, one row per lesion
-    centroids: np.ndarray
+@dataclass(frozen=True)
+class Lesion:
+    x: int  # bounding box, original pixels
+    y: int
+    width: int
+    height: int
+    area: int
+    cx: float  # centroid
+    cy: float
+    mean_probability: float
+    max_probability: float
 
 
-def segment(prob8: np.ndarray, geometry: Geometry, config: PostprocessConfig, min_area: int) -> Segmentation:
-    binary = (prob8 >= threshold_level(config.threshold)).astype(np.uint8)
-    count, labels, stats, centroids = cv2.connectedComponentsWithStats(binary, connectivity=8, ltype=cv2.CV_32S)
-    keep = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= min_area) + 1
-    if keep.size < count - 1:  # relabel so kept lesions are 1..K and specks vanish
-        lut = np.zeros(count, dtype=np.int32)
-        lut[keep] = np.arange(1, keep.size + 1, dtype=np.int32)
-        labels = lut[labels]
-    mask = np.where(labels > 0, np.uint8(255), np.uint8(0)) if keep.size else np.zeros_like(binary)
-    return Segmentation(mask, labels, stats[keep], centroids[keep])
+def _candidate_windows(prob8: np.ndarray, level: int, geometry: Geometry) -> list[tuple[int, int, int, int]]:
+    """Disjoint original-grid windows that hold every pixel whose interpolated probability can reach `level`.
+
+    A bilinear value is a convex combination of 4 working pixels, so it reaches `level` only next to a working
+    pixel that does: the working-grid hits, dilated, cover every such pixel. Working on these windows
+    instead of the whole photo makes the cost follow the lesions, not the 12 megapixels.
+    """
+    hits = (prob8 >= level).astype(np.uint8)
+    if not hits.any():
+        return []
+    hits = cv2.dilate(hits, np.ones((5, 5), np.uint8))
+    count, _, stats, _ = cv2.connectedComponentsWithStats(hits, connectivity=8)
+    s = geometry.square_side / prob8.shape[0]
+    fx0, fy0, fx1, fy1 = _fov_box(geometry)
+    boxes = []
+    for x, y, w, h, _ in stats[1:].tolist():
+        box = (max(fx0, int(math.floor(geometry.square_x0 + x * s)) - 2),
+               max(fy0, int(math.floor(geometry.square_y0 + y * s)) - 2),
+               min(fx1, int(math.ceil(geometry.square_x0 + (x + w) * s)) + 2),
+               min(fy1, int(math.ceil(geometry.square_y0 + (y + h) * s)) + 2))
+        if box[2] > box[0] and box[3] > box[1]:
+            boxes.append(box)
+    # Merge overlapping boxes so that no lesion is seen twice.
+    merged = True
+    while merged:
+        merged, out = False, []
+        for box in boxes:
+            for i, other in enumerate(out):
+                if box[0] < other[2] and other[0] < box[2] and box[1] < other[3] and other[1] < box[3]:
+                    out[i] = (min(box[0], other[0]), min(box[1], other[1]), max(box[2], other[2]),
+                              max(box[3], other[3]))
+                    merged = True
+                    break
+            else:
+                out.append(box)
+        boxes = out
+    return boxes
+
+
+def find_lesions(probability: np.ndarray, geometry: Geometry, config: PostprocessConfig,
+                 min_area: int) -> tuple[np.ndarray, list[Lesion]]:
+    """The 0/255 mask at the original size and its lesions (components of at least `min_area` pixels).
+
+    Identical to thresholding `probability_to_original` and labelling the whole photo, at a fraction of the cost.
+    """
+    prob8 = _prob8(probability)
+    level = threshold_level(config.threshold)
+    mask = np.zeros((geometry.height, geometry.width), dtype=np.uint8)
+    lesions = []
+    for x0, y0, x1, y1 in _candidate_windows(prob8, level, geometry):
+        window = _warp_window(prob8, geometry, (x0, y0, x1, y1))
+        count, labels, stats, centroids = cv2.connectedComponentsWithStats(
+            (window >= level).astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+        keep = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= min_area) + 1
+        if keep.size == 0:
+            continue
+        ids = labels.reshape(-1)
+        probs = window.reshape(-1).astype(np.float64) / 255.0
+        sums = np.bincount(ids, weights=probs, minlength=count)
+        maxes = np.zeros(count)
+        np.maximum.at(maxes, ids, probs)
+        lut = np.zeros(count, dtype=np.uint8)
+        lut[keep] = 255
+        mask[y0:y1, x0:x1] |= lut[labels]
+        for k in keep.tolist():
+            x, y, w, h, area = stats[k].tolist()
+            lesions.append(Lesion(x + x0, y + y0, w, h, area, float(centroids[k][0]) + x0,
+                                  float(centroids[k][1]) + y0, float(sums[k]) / area, float(maxes[k])))
+    lesions.sort(key=lambda les: (les.y, les.x))
+    return mask, lesions
 
 
 def quadrant_of(x: float, y: float, geometry: Geometry) -> str:
@@ -105,34 +179,26 @@ def quadrant_of(x: float, y: float, geometry: Geometry) -> str:
     return ("upper_" if y < geometry.fov_cy else "lower_") + ("left" if x < geometry.fov_cx else "right")
 
 
-def lesion_report(seg: Segmentation, prob8: np.ndarray, geometry: Geometry, config: PostprocessConfig,
-                  model_name: str, model_version: str, min_area: int) -> dict:
+def lesion_report(lesions: list[Lesion], geometry: Geometry, config: PostprocessConfig, model_name: str,
+                  model_version: str, min_area: int) -> dict:
     fov_area = max(1.0, geometry.fov_area)
-    n = len(seg.stats)
-    flat = np.flatnonzero(seg.labels) if n else np.empty(0, dtype=np.int64)
-    ids = seg.labels.reshape(-1)[flat]
-    probs = prob8.reshape(-1)[flat].astype(np.float64) / 255.0
-    sums = np.bincount(ids, weights=probs, minlength=n + 1)[1:]
-    maxes = np.zeros(n + 1)
-    np.maximum.at(maxes, ids, probs)
-
-    lesions, quadrants = [], {q: {"count": 0, "area_px": 0} for q in QUADRANTS}
-    for i, (x, y, w, h, area) in enumerate(seg.stats.tolist()):
-        cx, cy = (float(v) for v in seg.centroids[i])
-        quadrant = quadrant_of(cx, cy, geometry)
+    quadrants = {q: {"count": 0, "area_px": 0} for q in QUADRANTS}
+    entries = []
+    for i, les in enumerate(lesions):
+        quadrant = quadrant_of(les.cx, les.cy, geometry)
         quadrants[quadrant]["count"] += 1
-        quadrants[quadrant]["area_px"] += area
-        lesions.append({
+        quadrants[quadrant]["area_px"] += les.area
+        entries.append({
             "id": i + 1,
-            "bbox": {"x": x, "y": y, "width": w, "height": h},
-            "centroid": {"x": round(cx, 1), "y": round(cy, 1)},
-            "area_px": area,
-            "area_fov_fraction": round(area / fov_area, 7),
-            "mean_probability": round(float(sums[i]) / area, 4),
-            "max_probability": round(float(maxes[i + 1]), 4),
+            "bbox": {"x": les.x, "y": les.y, "width": les.width, "height": les.height},
+            "centroid": {"x": round(les.cx, 1), "y": round(les.cy, 1)},
+            "area_px": les.area,
+            "area_fov_fraction": round(les.area / fov_area, 7),
+            "mean_probability": round(les.mean_probability, 4),
+            "max_probability": round(les.max_probability, 4),
             "quadrant": quadrant,
         })
-    total_area = int(sum(les["area_px"] for les in lesions))
+    total_area = int(sum(les.area for les in lesions))
     for q in quadrants.values():
         q["area_fov_fraction"] = round(q["area_px"] / fov_area, 7)
     return {
@@ -150,8 +216,8 @@ def lesion_report(seg: Segmentation, prob8: np.ndarray, geometry: Geometry, conf
         "model": {"name": model_name, "version": str(model_version)},
         "threshold": config.threshold,
         "min_lesion_area_px": min_area,
-        "lesions": lesions,
-        "totals": {"count": n, "area_px": total_area, "area_fov_fraction": round(total_area / fov_area, 7)},
+        "lesions": entries,
+        "totals": {"count": len(entries), "area_px": total_area, "area_fov_fraction": round(total_area / fov_area, 7)},
         "quadrants": quadrants,
     }
 
@@ -161,10 +227,23 @@ def error_report(index: int, reason: str) -> dict:
 
 
 def encode_png(gray: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", gray, _PNG_FAST)
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
+    """8-bit greyscale PNG: filter 'none' and zlib level 1.
+
+    Masks are almost all zeros: the fastest deflate level costs ~25 ms for a 12-megapixel photo, against
+    ~50-130 ms for OpenCV's encoder with any of its settings, and gives a file of a similar size.
+    """
+    h, w = gray.shape
+    raw = np.empty((h, w + 1), dtype=np.uint8)
+    raw[:, 0] = 0  # per-row filter type: none
+    raw[:, 1:] = gray
+    deflate = zlib.compressobj(1)
+    data = deflate.compress(raw) + deflate.flush()
+    return b"".join([_PNG_SIGNATURE, _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)),
+                     _png_chunk(b"IDAT", data), _png_chunk(b"IEND", b"")])
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(payload, zlib.crc32(kind)))
 
 
 @dataclass
@@ -176,8 +255,8 @@ class PostprocessResult:
 
 def postprocess(probability: np.ndarray, geometry: Geometry, config: PostprocessConfig, model_name: str = "unet",
                 model_version: str = "", with_probability: bool = False) -> PostprocessResult:
-    prob8 = probability_to_original(probability, geometry)
     min_area = min_lesion_area(geometry, config, np.shape(probability)[-1])
-    seg = segment(prob8, geometry, config, min_area)
-    report = lesion_report(seg, prob8, geometry, config, model_name, model_version, min_area)
-    return PostprocessResult(encode_png(seg.mask), report, encode_png(prob8) if with_probability else b"")
+    mask, lesions = find_lesions(probability, geometry, config, min_area)
+    report = lesion_report(lesions, geometry, config, model_name, model_version, min_area)
+    probability_png = encode_png(probability_to_original(probability, geometry)) if with_probability else b""
+    return PostprocessResult(encode_png(mask), report, probability_png)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from postprocess_backend import (
-    PostprocessConfig, error_report, min_lesion_area, original_fov_mask, postprocess, probability_to_original,
-    threshold_level,
+    PostprocessConfig, encode_png, error_report, find_lesions, min_lesion_area, original_fov_mask, postprocess,
+    probability_to_original, threshold_level,
 )
 from preprocess_backend import Geometry, preprocess, to_working
 from tests.conftest import SAMPLE_PHOTOS
@@ -123,3 +123,26 @@ def test_synthetic_photo_round_trip_through_both_backends():
     assert mask.shape == truth.shape
     inter, union = np.count_nonzero((mask > 0) & (truth > 0)), np.count_nonzero((mask > 0) | (truth > 0))
     assert inter / union > 0.85
+
+
+def test_windowed_lesions_equal_thresholding_the_whole_photo():
+    """find_lesions works on windows around the hits; it must equal labelling the full-size map."""
+    g = preprocess(SAMPLE_PHOTOS[0].read_bytes()).geometry
+    rng = np.random.default_rng(1)
+    prob = cv2.GaussianBlur(rng.random((S, S)).astype(np.float32), (0, 0), 3)
+    prob = np.clip((prob - prob.mean()) * 12 + 0.3, 0, 1)  # many blobs of all sizes, some touching the FOV edge
+    config = PostprocessConfig(threshold=0.5)
+    min_area = min_lesion_area(g, config, S)
+    mask, lesions = find_lesions(prob, g, config, min_area)
+    full = probability_to_original(prob, g) >= threshold_level(0.5)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(full.astype(np.uint8), connectivity=8)
+    big = stats[1:, cv2.CC_STAT_AREA] >= min_area
+    expected = np.isin(labels, np.flatnonzero(big) + 1)
+    assert len(lesions) == int(big.sum()) > 5
+    assert np.array_equal(mask > 0, expected)
+    assert sorted(les.area for les in lesions) == sorted(stats[1:, cv2.CC_STAT_AREA][big].tolist())
+
+
+def test_png_encoder_round_trips():
+    img = (np.random.default_rng(0).random((37, 53)) * 255).astype(np.uint8)
+    assert np.array_equal(_decode(encode_png(img)), img)

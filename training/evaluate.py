@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from postprocess_backend import PostprocessConfig, min_lesion_area, original_fov_mask, probability_to_original, segment
+from postprocess_backend import (PostprocessConfig, find_lesions, min_lesion_area, original_fov_mask,
+                                 probability_to_original)
 from preprocess_backend import PreprocessConfig, preprocess
 
 from .common import DEFAULT_DATA, load_checkpoint
@@ -60,9 +61,9 @@ def evaluate(predict: Predictor, manifest: Path, split: str = "val", threshold: 
         pre = preprocess(row.image.read_bytes(), preprocess_config)
         prob = predict(pre.pixels[None])[0]
         prob8 = probability_to_original(prob, pre.geometry)
-        seg = segment(prob8, pre.geometry, post, min_lesion_area(pre.geometry, post, prob.shape[-1]))
+        mask, _ = find_lesions(prob, pre.geometry, post, min_lesion_area(pre.geometry, post, prob.shape[-1]))
         truth = cv2.imread(str(row.mask), cv2.IMREAD_GRAYSCALE)
-        scores.add(prob8, truth > 127, original_fov_mask(pre.geometry), seg.mask)
+        scores.add(prob8, truth > 127, original_fov_mask(pre.geometry), mask)
     best_threshold, best_dice = scores.best_threshold()
     return {**scores.summary(), "threshold": threshold, "split": split,
             "dice_optimal_threshold": round(best_threshold, 4), "dice_at_optimal_threshold": best_dice}

@@ -1,0 +1,205 @@
+"""Shared helpers for the perf tools: photos, request building, response checks, Triton start/stop, statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ENSEMBLE = "hemorrhage_segmentation"
+MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+SHARED_PHOTOS = Path("/work/shared/data/idrid_he/images")
+SAMPLE_PHOTOS = REPO_ROOT / "samples"
+DEFAULT_GLOB = "*.jpg"
+# FastAPI baseline weights: the real checkpoint once training has written it, else the smoke one.
+CHECKPOINT_CANDIDATES = (REPO_ROOT / "runs" / "supervised" / "last.pt", Path("/tmp/run_smoke/last.pt"))
+
+
+def default_photos_dir() -> Path:
+    """The full-size IDRiD photos when present, else the repo's samples/."""
+    return SHARED_PHOTOS if SHARED_PHOTOS.is_dir() and any(SHARED_PHOTOS.glob(DEFAULT_GLOB)) else SAMPLE_PHOTOS
+
+
+def default_checkpoint() -> Path:
+    for path in CHECKPOINT_CANDIDATES:
+        if path.exists():
+            return path
+    return CHECKPOINT_CANDIDATES[0]
+
+
+def load_photos(folder: str | Path | None = None, pattern: str = DEFAULT_GLOB) -> list[tuple[str, bytes]]:
+    """(file name, bytes) of every photo in `folder` matching `pattern`, sorted by name."""
+    folder = Path(folder) if folder else default_photos_dir()
+    paths = sorted(p for p in folder.glob(pattern) if p.is_file())
+    if not paths:
+        raise SystemExit(f"no photos matching {pattern!r} in {folder}")
+    return [(p.name, p.read_bytes()) for p in paths]
+
+
+class PhotoCycle:
+    """Hands out batches of photos round-robin, each user/client starting at its own offset."""
+
+    def __init__(self, photos: list[tuple[str, bytes]], batch: int, offset: int = 0):
+        if batch < 1:
+            raise ValueError("batch must be >= 1")
+        self.photos, self.batch, self.position = photos, batch, offset % len(photos)
+
+    def next(self) -> list[bytes]:
+        out = [self.photos[(self.position + i) % len(self.photos)][1] for i in range(self.batch)]
+        self.position = (self.position + self.batch) % len(self.photos)
+        return out
+
+
+def image_tensor(batch: list[bytes]) -> np.ndarray:
+    """The ensemble's IMAGE input: BYTES [N, 1]."""
+    arr = np.empty((len(batch), 1), dtype=np.object_)
+    for i, data in enumerate(batch):
+        arr[i, 0] = data
+    return arr
+
+
+def check_outputs(lesions: np.ndarray | None, masks: np.ndarray | None, expected: int) -> int:
+    """Raise if the response does not hold one ok report and one mask per photo; returns the response bytes."""
+    if lesions is None or masks is None:
+        raise RuntimeError("response lacks LESIONS or MASK")
+    lesions, masks = lesions.reshape(-1), masks.reshape(-1)
+    if lesions.shape[0] != expected or masks.shape[0] != expected:
+        raise RuntimeError(f"expected {expected} results, got {lesions.shape[0]} reports and {masks.shape[0]} masks")
+    for i, raw in enumerate(lesions):
+        report = json.loads(raw)
+        if report.get("status") != "ok":
+            raise RuntimeError(f"photo {i}: {report.get('error', report.get('status'))}")
+        if not masks[i]:
+            raise RuntimeError(f"photo {i}: empty mask")
+    return int(sum(len(x) for x in lesions) + sum(len(x) for x in masks))
+
+
+def served_version(model_repository: Path = MODEL_REPOSITORY, model: str = "unet") -> tuple[Path, dict]:
+    """The newest version folder of `model` and its model.json (threshold, provenance)."""
+    versions = sorted((int(d.name) for d in (model_repository / model).iterdir() if d.name.isdigit()), reverse=True)
+    for v in versions:
+        folder = model_repository / model / str(v)
+        if (folder / "model.onnx").exists():
+            meta_path = folder / "model.json"
+            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+            return folder, meta
+    raise SystemExit(f"no {model}/<version>/model.onnx under {model_repository}")
+
+
+def config_parameter(config_pbtxt: Path, key: str) -> str | None:
+    """A `parameters { key: ... string_value: ... }` value from a config.pbtxt (regex, good enough here)."""
+    m = re.search(r'key:\s*"' + re.escape(key) + r'"\s*,?\s*value:\s*\{\s*string_value:\s*"([^"]*)"',
+                  config_pbtxt.read_text())
+    return m.group(1) if m else None
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (what perf_analyzer reports); NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def latency_summary_ms(latencies_s: list[float]) -> dict:
+    ms = [x * 1000.0 for x in latencies_s]
+    return {
+        "count": len(ms),
+        "mean": (sum(ms) / len(ms)) if ms else float("nan"),
+        "p50": percentile(ms, 50), "p90": percentile(ms, 90), "p95": percentile(ms, 95), "p99": percentile(ms, 99),
+        "max": max(ms) if ms else float("nan"),
+    }
+
+
+# ------------------------------------------------------------------------------------------- Triton server
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class StartedServer:
+    process: subprocess.Popen
+    http_url: str
+    grpc_url: str
+    metrics_url: str
+    log_path: Path
+
+    def stop(self, timeout: float = 90.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def start_triton(log_path: Path, model_repository: Path = MODEL_REPOSITORY, timeout: float = 300.0,
+                 extra_args: tuple[str, ...] = ()) -> StartedServer:
+    """serve.py on free loopback ports; returns when the server reports ready."""
+    http, grpc, metrics = free_ports(3)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "serve.py"), "--http-port", str(http), "--grpc-port", str(grpc),
+             "--metrics-port", str(metrics), "--model-repository", str(model_repository), *extra_args],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True)
+    server = StartedServer(process, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}/metrics",
+                           log_path)
+    if not wait_http_ready(f"http://{server.http_url}/v2/health/ready", timeout, process):
+        server.stop()
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"Triton did not become ready (log {log_path}):\n{tail}")
+    return server
+
+
+def wait_http_ready(url: str, timeout: float, process: subprocess.Popen | None = None) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def machine_info() -> dict:
+    info = {"cpu_count": os.cpu_count(), "python": sys.version.split()[0], "platform": sys.platform}
+    try:
+        info["loadavg_1m_5m_15m"] = list(os.getloadavg())
+    except OSError:
+        pass
+    try:
+        import psutil
+        info["cpu_count_physical"] = psutil.cpu_count(logical=False)
+        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    return info

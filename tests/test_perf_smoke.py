@@ -1,0 +1,62 @@
+"""Smoke test of the perf tools: they run against the real server and report without errors. No timing asserted."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO_ROOT, SAMPLES
+
+PERF = REPO_ROOT / "perf"
+
+
+def run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{cmd[:3]} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def test_bench_runs_all_arms(triton_server, tmp_path):
+    out = tmp_path / "bench"
+    run([sys.executable, str(PERF / "bench.py"), "--url", triton_server.grpc_url, "--photos", str(SAMPLES),
+         "--batch", "2", "--concurrency", "1", "--duration", "2", "--warmup", "0.5", "--min-requests", "1",
+         "--arms", "onnx,pipeline,triton,fastapi", "--label", "smoke", "--out", str(out)], timeout=240)
+    results = json.loads(Path(f"{out}.json").read_text())
+    arms = results["arms"]
+    assert set(arms) == {"onnx", "pipeline", "triton", "fastapi"}
+    for level in [arms["onnx"], arms["pipeline"], *arms["triton"], *arms["fastapi"]]:
+        assert level["errors"] == 0, level["error_sample"]
+        assert level["requests"] >= 1
+    server = arms["triton"][0]["server"]
+    assert {"hemorrhage_segmentation", "preprocess", "unet", "postprocess"} <= set(server)
+    assert server["unet"]["requests"] >= 1
+    assert results["weights_check"]["same_weights"] in (True, False)
+    assert len(results["ratios"]) >= 4
+    assert "| ratio |" in Path(f"{out}.md").read_text()
+
+
+def test_locust_headless_grpc_and_http(triton_server, tmp_path):
+    prefix = tmp_path / "locust"
+    run([sys.executable, "-m", "locust", "-f", str(PERF / "locustfile.py"), "--headless", "-u", "2", "-r", "2",
+         "-t", "5s", "--stop-timeout", "60", "--only-summary", "--csv", str(prefix),
+         "--host", f"http://{triton_server.http_url}", "--grpc-url", triton_server.grpc_url,
+         "--photos", str(SAMPLES), "--batch", "2"], timeout=150)
+    with open(f"{prefix}_stats.csv", newline="") as f:
+        rows = {row["Name"]: row for row in csv.DictReader(f)}
+    for name in ("infer x2", "http infer x2"):  # one user of each class
+        assert int(rows[name]["Request Count"]) >= 1, rows
+        assert int(rows[name]["Failure Count"]) == 0, rows
+
+
+def test_perf_analyzer_input_file(tmp_path):
+    out = tmp_path / "pa.json"
+    run([sys.executable, str(PERF / "make_pa_input.py"), "--photos", str(SAMPLES), "--out", str(out)], timeout=60)
+    data = json.loads(out.read_text())["data"]
+    assert len(data) == len(list(SAMPLES.glob("*.jpg")))
+    import base64
+    raw = base64.b64decode(data[0]["IMAGE"]["b64"])
+    assert int.from_bytes(raw[:4], "little") == len(raw) - 4 and raw[4:6] == b"\xff\xd8"  # length + JPEG
+    assert subprocess.run(["bash", "-n", str(PERF / "perf_analyzer.sh")]).returncode == 0

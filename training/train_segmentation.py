@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[{stage}] {len(labelled)} labelled, {len(unlabeled)} unlabeled photos; {init_note}; "
               f"world size {world.world_size} on {world.device}", flush=True)
 
-    started, metrics = time.time(), {}
+    started, metrics, best_aupr = time.time(), {}, -1.0
     for epoch in range(args.epochs):
         dataset.set_epoch(epoch)
         if sampler is not None:
@@ -174,6 +174,12 @@ def main(argv: list[str] | None = None) -> dict:
             record.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
             save_checkpoint(args.output / "latest.pt", model, stage=stage, config=json_safe(vars(args)),
                             metrics=metrics, manifest=args.manifest, extra={"epoch": epoch + 1})
+            if metrics["pixel_aupr"] > best_aupr:  # early-stopping candidate (selected on val: biased upwards)
+                best_aupr = metrics["pixel_aupr"]
+                save_checkpoint(args.output / "best.pt", model, stage=stage,
+                                config=json_safe(vars(args)) | {"init_note": init_note}, metrics=metrics,
+                                manifest=args.manifest,
+                                extra={"epoch": epoch + 1, "threshold": metrics["dice_optimal_threshold"]})
         if world.is_main:
             log_json(log, record)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),

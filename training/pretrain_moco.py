@@ -42,27 +42,30 @@ from .moco import MoCo
 
 
 def strong_photometric(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
-    """MoCo v2's extra augmentation on float32 RGB [P, P, 3] in [0, 1]: ColorJitter(0.4, 0.4, 0.4, 0.05)
-    with p=0.8 (in random order), RandomGrayscale p=0.2, GaussianBlur sigma in [0.1, 2] with p=0.5."""
+    """Photometric augmentation of one view, float32 RGB [P, P, 3] in [0, 1].
+
+    Milder than MoCo v2's ColorJitter(0.4, 0.4, 0.4, 0.1) + RandomGrayscale: colour is what tells a
+    haemorrhage from a vessel or the optic disc, and an encoder taught to ignore it made a worse
+    initialisation than random weights (val pixel AUPR 0.02 vs 0.22 after 5 fine-tuning epochs, measured).
+    Brightness/contrast/saturation x[0.8, 1.2] and hue +-0.02 turns (p=0.8, random order), blur p=0.3.
+    """
     if rng.random() < 0.8:
         for op in rng.permutation(4):
             if op == 0:  # brightness
-                img = img * np.float32(rng.uniform(0.6, 1.4))
+                img = img * np.float32(rng.uniform(0.8, 1.2))
             elif op == 1:  # contrast, around the mean grey level
                 mean = np.float32(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).mean())
-                img = (img - mean) * np.float32(rng.uniform(0.6, 1.4)) + mean
+                img = (img - mean) * np.float32(rng.uniform(0.8, 1.2)) + mean
             elif op == 2:  # saturation
                 grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None]
-                img = (img - grey) * np.float32(rng.uniform(0.6, 1.4)) + grey
-            else:  # hue: small, because colour is what tells a haemorrhage from a vessel or the disc
+                img = (img - grey) * np.float32(rng.uniform(0.8, 1.2)) + grey
+            else:  # hue
                 hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)  # H in degrees
-                hsv[..., 0] = (hsv[..., 0] + np.float32(rng.uniform(-0.05, 0.05) * 360.0)) % 360.0
+                hsv[..., 0] = (hsv[..., 0] + np.float32(rng.uniform(-0.02, 0.02) * 360.0)) % 360.0
                 img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
             img = np.clip(img, 0.0, 1.0)
-    if rng.random() < 0.2:
-        img = np.repeat(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
-    if rng.random() < 0.5:
-        img = cv2.GaussianBlur(img, (0, 0), float(rng.uniform(0.1, 2.0)))
+    if rng.random() < 0.3:
+        img = cv2.GaussianBlur(img, (0, 0), float(rng.uniform(0.1, 1.0)))
     return np.ascontiguousarray(np.clip(img, 0.0, 1.0), dtype=np.float32)
 
 
@@ -131,7 +134,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.03, help="SGD peak learning rate (default: 0.03)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(default: 1e-4)")
     p.add_argument("--warmup-steps", type=int, default=100, help="(default: 100)")
-    p.add_argument("--queue-size", type=int, default=4096, help="K, negatives in the queue (default: 4096)")
+    p.add_argument("--queue-size", type=int, default=1024,
+                   help="K, negatives in the queue (default: 1024; with ~70 photos a larger queue is mostly "
+                        "crops of the positive's own photo)")
     p.add_argument("--momentum", type=float, default=0.99, help="key encoder momentum m (default: 0.99)")
     p.add_argument("--temperature", type=float, default=0.2, help="InfoNCE temperature T (default: 0.2)")
     p.add_argument("--dim", type=int, default=128, help="projection dimension (default: 128)")

@@ -527,7 +527,7 @@ def served_mask_difference(old_onnx: Path, new_onnx: Path, photos: list[Path], w
     import numpy as np
     import onnxruntime as ort
 
-    from postprocess_backend import PostprocessConfig, min_lesion_area, probability_to_original, segment
+    from postprocess_backend import PostprocessConfig, find_lesions, min_lesion_area
     post = PostprocessConfig(threshold=threshold)
     sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (old_onnx, new_onnx)]
     differing, total = 0, 0
@@ -536,8 +536,7 @@ def served_mask_difference(old_onnx: Path, new_onnx: Path, photos: list[Path], w
         masks = []
         for session in sessions:
             prob = session.run(None, {INPUT_NAME: pre.pixels[None]})[0][0]
-            prob8 = probability_to_original(prob, pre.geometry)
-            masks.append(segment(prob8, pre.geometry, post, min_lesion_area(pre.geometry, post, working_size)).mask)
+            masks.append(find_lesions(prob, pre.geometry, post, min_lesion_area(pre.geometry, post, working_size))[0])
         differing += int(np.count_nonzero(masks[0] != masks[1]))
         total += masks[0].size
     return {"photos": len(photos), "differing_pixels": differing, "pixels": total, "threshold": threshold}

@@ -11,6 +11,12 @@ step can place the probability map at the photo's own resolution.
 from __future__ import annotations
 
 import io
+import os
+import re
+import sys
+import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import cv2
@@ -37,6 +43,8 @@ class PreprocessConfig:
     clahe_tile_grid: int = 8
     # The FOV must cover at least this fraction of the photo, else it is not a usable fundus photo.
     min_fov_fraction: float = 0.05
+    # Standard deviation of the (blurred, 8-bit) brightness inside the FOV below which the photo is blank.
+    min_fov_texture: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,8 @@ def read_header(data: bytes, config: PreprocessConfig) -> tuple[str, int, int, i
         with Image.open(io.BytesIO(data)) as im:
             fmt, (width, height) = im.format, im.size
             orientation = int(im.getexif().get(0x0112, 1)) if fmt in ("JPEG", "TIFF") else 1
+        if orientation not in range(1, 9):  # not a valid EXIF orientation: the tag is ignored
+            orientation = 1
     except Image.UnidentifiedImageError:
         fmt = sniff_format(data)
         if fmt:
@@ -137,6 +147,55 @@ def _check_complete(data: bytes, fmt: str) -> None:
         raise ImageError("truncated PNG: the IEND chunk is missing")
 
 
+# libjpeg reports damaged entropy-coded (scan) data only as warnings on stderr and carries on, filling the
+# damage with grey or noise; OpenCV does not pass them on. These warnings mean the pixels are not the photo's.
+# Others ("N extraneous bytes before marker", "bad ICC marker", unknown JFIF revision) are harmless and ignored.
+_JPEG_DAMAGE_WARNINGS = ("bad Huffman code", "bad arithmetic code", "premature end of data segment",
+                         "Premature end of JPEG file", "instead of RST", "Invalid SOS parameters",
+                         "Inconsistent progression sequence")
+# A few stray bytes before a marker are common and harmless; kilobytes of them mean the scan data is not what it
+# claims to be.
+_EXTRANEOUS = re.compile(r"(\d+) extraneous bytes before marker")
+_STDERR_LOCK = threading.Lock()
+
+
+@contextmanager
+def _captured_stderr():
+    """Capture what native code writes to file descriptor 2 (libjpeg's warnings); yields a list that receives it.
+
+    Process-wide, so serialised by a lock; whatever else was written meanwhile is passed on to stderr.
+    """
+    with _STDERR_LOCK, tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        captured: list[str] = []
+        try:
+            os.dup2(sink.fileno(), 2)
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read(65536).decode("utf-8", "replace"))
+
+
+def _imdecode_jpeg(buf: np.ndarray, flags: int) -> np.ndarray | None:
+    with _captured_stderr() as captured:
+        bgr = cv2.imdecode(buf, flags)
+    damage, others = [], []
+    for line in (captured[0] if captured else "").splitlines():
+        extraneous = _EXTRANEOUS.search(line)
+        if any(w in line for w in _JPEG_DAMAGE_WARNINGS) or (extraneous and int(extraneous.group(1)) > 4096):
+            damage.append(line.strip().removeprefix("Corrupt JPEG data: ").rstrip("."))
+        elif line.strip():
+            others.append(line + "\n")
+    if others:
+        sys.stderr.write("".join(others))
+    if damage:
+        raise ImageError(f"corrupt JPEG data: {damage[0]} (the scan data is damaged)")
+    return bgr
+
+
 def decode_reduction(width: int, height: int, working_size: int) -> int:
     """Largest JPEG DCT scaling (1, 2, 4 or 8) that still leaves the short side >= the working size."""
     for factor in (8, 4, 2):
@@ -160,7 +219,8 @@ def decode(data: bytes, config: PreprocessConfig) -> tuple[np.ndarray, float, tu
     _check_complete(data, fmt)
     factor = decode_reduction(width, height, config.working_size) if fmt == "JPEG" else 1
     buf = np.frombuffer(data, dtype=np.uint8)
-    bgr = cv2.imdecode(buf, _REDUCED_FLAGS[factor] | cv2.IMREAD_IGNORE_ORIENTATION)
+    flags = _REDUCED_FLAGS[factor] | cv2.IMREAD_IGNORE_ORIENTATION
+    bgr = _imdecode_jpeg(buf, flags) if fmt == "JPEG" else cv2.imdecode(buf, flags)
     if bgr is None:
         raise ImageError(f"corrupt {fmt} data: the decoder could not read the pixels")
     if bgr.dtype != np.uint8:  # defensive: IMREAD_COLOR always yields 8-bit today
@@ -180,8 +240,12 @@ class FieldOfView:
     area: int  # pixels
 
 
-def find_field_of_view(bgr: np.ndarray, min_fraction: float = 0.05) -> FieldOfView:
-    """The illuminated disc of a fundus photo: the largest bright component of a thresholded brightness."""
+def find_field_of_view(bgr: np.ndarray, min_fraction: float = 0.05, min_texture: float = 1.0) -> FieldOfView:
+    """The illuminated disc of a fundus photo: the largest bright component of a thresholded brightness.
+
+    A photo without a dark border (a cropped fundus photo, or any bright picture) gets the whole frame: the
+    disc of half its longer side, clipped to the frame. A region without texture is refused (blank frame).
+    """
     h, w = bgr.shape[:2]
     step = max(1, int(max(h, w) // 512))  # the FOV is large and smooth: find it on a small copy
     small = bgr[::step, ::step]
@@ -197,6 +261,8 @@ def find_field_of_view(bgr: np.ndarray, min_fraction: float = 0.05) -> FieldOfVi
     if area < min_fraction * fov.size:
         raise ImageError(f"no retinal field of view found: the largest bright region covers "
                          f"{area / fov.size:.1%} of the photo (at least {min_fraction:.0%} needed)")
+    if float(brightness[labels == best].std()) < min_texture:
+        raise ImageError("no usable image content: the photo is a uniform area (blank, or over- or under-exposed)")
     x0, y0 = x * step, y * step
     x1, y1 = min(w, (x + bw) * step), min(h, (y + bh) * step)
     # Fundus cameras clip the disc at the top and bottom, never the sides' width: radius from the wider span.
@@ -264,7 +330,7 @@ def working_fov_mask(geometry: Geometry, working_size: int) -> np.ndarray:
 
 def preprocess_decoded(bgr: np.ndarray, scale: float, width: int, height: int, config: PreprocessConfig,
                        orientation: int = 1) -> Preprocessed:
-    fov = find_field_of_view(bgr, config.min_fov_fraction)
+    fov = find_field_of_view(bgr, config.min_fov_fraction, config.min_fov_texture)
     geometry = geometry_for(fov, scale, width, height, orientation)
     rgb = to_working(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), geometry, config.working_size, scale)
     rgb = _clahe(rgb, config) * working_fov_mask(geometry, config.working_size)[..., None]

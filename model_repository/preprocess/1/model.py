@@ -1,10 +1,13 @@
 """Triton adapter for preprocess_backend: IMAGE [N, 1] bytes -> PIXELS, GEOMETRY, ERROR per photo.
 
 A photo that cannot be read gets zero PIXELS and its reason in ERROR, so that the others in the same
-request are still processed; a request in which no photo can be read fails with INVALID_ARG.
+request are still processed; a request in which no photo can be read fails with INVALID_ARG, and so does a
+request whose photos together exceed the request byte limit (serve.py --max-request-bytes, passed as the
+environment variable HEMOSEG_MAX_REQUEST_BYTES; default max_batch_size x max_bytes).
 """
 
 import json
+import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -24,6 +27,8 @@ class TritonPythonModel:
             max_bytes=int(params.get("max_bytes", PreprocessConfig.max_bytes)),
             max_pixels=int(params.get("max_pixels", PreprocessConfig.max_pixels)),
         )
+        self.max_request_bytes = int(os.environ.get("HEMOSEG_MAX_REQUEST_BYTES") or params.get("max_request_bytes")
+                                     or max(1, int(model_config.get("max_batch_size", 1))) * self.config.max_bytes)
         self.dtypes = {name: pb_utils.triton_string_to_numpy(
             pb_utils.get_output_config_by_name(model_config, name)["data_type"]) for name in ("PIXELS", "GEOMETRY")}
 
@@ -46,6 +51,12 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
+            total = sum(len(data) for data in images if isinstance(data, bytes))
+            if total > self.max_request_bytes:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    f"request carries {total} bytes of images ({len(images)} photos), over the limit of "
+                    f"{self.max_request_bytes} bytes per request", pb_utils.TritonError.INVALID_ARG)))
+                continue
             pixels, geometry, errors = zip(*(self._one(i, data) for i, data in enumerate(images)))
             if all(errors):
                 responses.append(pb_utils.InferenceResponse(

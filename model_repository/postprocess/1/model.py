@@ -7,6 +7,7 @@ threshold (unet/<version>/model.json).
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -29,6 +30,8 @@ class TritonPythonModel:
         self.model_dir = os.path.join(os.path.dirname(args["model_repository"]), self.model_name)
         self.min_lesion_working_px = float(params.get("min_lesion_working_px", PostprocessConfig.min_lesion_working_px))
         self._metadata_cache = {}
+        # The photos of one request are postprocessed in parallel (OpenCV and zlib release the GIL).
+        self.pool = ThreadPoolExecutor(int(params.get("threads", "2")))
 
     def _served_version(self):
         """Newest version folder of the segmentation model that Triton reports ready, and its metadata."""
@@ -49,6 +52,20 @@ class TritonPythonModel:
                 self._metadata_cache[version] = {}
         return version, self._metadata_cache[version]
 
+    def _one(self, i, probability, geometry, error, config, version, with_probability):
+        """(mask PNG, report, probability PNG) for photo i; never raises."""
+        error = error.decode() if isinstance(error, bytes) else str(error)
+        if error:
+            return b"", error_report(i, error), b""
+        try:
+            result = postprocess(probability, Geometry.from_vector(geometry), config, self.model_name, str(version),
+                                 with_probability)
+        except Exception as exc:  # never let one photo fail the request
+            self.logger.log_error(f"postprocess: image {i} failed: {exc!r}")
+            return b"", error_report(i, f"image {i}: postprocessing failed ({type(exc).__name__})"), b""
+        result.report["image_index"] = i
+        return result.mask_png, result.report, result.probability_png
+
     def execute(self, requests):
         version, metadata = self._served_version()
         config = PostprocessConfig(threshold=float(metadata.get("threshold", 0.5)),
@@ -59,27 +76,9 @@ class TritonPythonModel:
             geometry = pb_utils.get_input_tensor_by_name(request, "GEOMETRY").as_numpy()
             errors = pb_utils.get_input_tensor_by_name(request, "ERROR").as_numpy().reshape(-1)
             with_probability = wants_probability(request)
-            masks, reports, probabilities = [], [], []
-            for i in range(probability.shape[0]):
-                error = errors[i].decode() if isinstance(errors[i], bytes) else str(errors[i])
-                if error:
-                    masks.append(b"")
-                    reports.append(error_report(i, error))
-                    probabilities.append(b"")
-                    continue
-                try:
-                    result = postprocess(probability[i], Geometry.from_vector(geometry[i]), config, self.model_name,
-                                         str(version), with_probability)
-                except Exception as exc:  # never let one photo fail the request
-                    self.logger.log_error(f"postprocess: image {i} failed: {exc!r}")
-                    masks.append(b"")
-                    reports.append(error_report(i, f"image {i}: postprocessing failed ({type(exc).__name__})"))
-                    probabilities.append(b"")
-                    continue
-                result.report["image_index"] = i
-                masks.append(result.mask_png)
-                reports.append(result.report)
-                probabilities.append(result.probability_png)
+            masks, reports, probabilities = zip(*self.pool.map(
+                lambda i: self._one(i, probability[i], geometry[i], errors[i], config, version, with_probability),
+                range(probability.shape[0])))
             responses.append(pb_utils.InferenceResponse([
                 pb_utils.Tensor("MASK", np.array(masks, dtype=np.object_).reshape(-1, 1)),
                 pb_utils.Tensor("LESIONS", np.array([json.dumps(r).encode() for r in reports],
@@ -87,3 +86,6 @@ class TritonPythonModel:
                 pb_utils.Tensor("PROBABILITY_PNG", np.array(probabilities, dtype=np.object_).reshape(-1, 1)),
             ]))
         return responses
+
+    def finalize(self):
+        self.pool.shutdown()

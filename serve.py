@@ -38,6 +38,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -609,7 +610,8 @@ def drain(admin: Admin, model: str, timeout: float) -> bool:
         return False
 
 
-def wait_ready(url: str, process: subprocess.Popen, timeout: float) -> bool:
+def wait_ready(url: str, grpc_address: tuple[str, int], process: subprocess.Popen, timeout: float) -> bool:
+    """HTTP says ready and the gRPC port accepts connections (Triton exits if it cannot bind it, after HTTP)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -617,11 +619,24 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float) -> bool:
         try:
             with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as r:
                 if r.status == 200:
-                    return True
+                    socket.create_connection(grpc_address, timeout=2).close()
+                    time.sleep(0.5)
+                    return process.poll() is None
         except OSError:
             pass
         time.sleep(0.5)
     return False
+
+
+def pin_version(admin: Admin, model: str, version: int) -> str | None:
+    """Serve only `version` of `model` (instead of its config's version_policy); None, or why it failed."""
+    before = ready_versions(admin.index())
+    config = admin.config(model)
+    config["version_policy"] = {"specific": {"versions": [version]}}
+    status, message = admin.load(model, config)
+    for name in sorted(set(before) - set(ready_versions(admin.index()))):
+        admin.load(name)  # e.g. the ensemble, if the reload took it down
+    return None if status == 200 else f"HTTP {status}: {message[:300]}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -644,6 +659,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grpc-tls-key", type=Path, help="PEM private key of --grpc-tls-cert")
     p.add_argument("--grpc-tls-root-cert", type=Path,
                    help="PEM CA certificate: mutual TLS, clients must present a certificate it signed")
+    p.add_argument("--unet-version", type=int, default=None,
+                   help="serve this version of the U-Net (default: the newest, as unet/config.pbtxt says)")
     p.add_argument("--log-verbose", type=int, default=0)
     args = p.parse_args(argv)
     if bool(args.grpc_tls_cert) != bool(args.grpc_tls_key):
@@ -709,7 +726,13 @@ def main(argv: list[str] | None = None) -> int:
     stopper_thread.start()
     stopping = stop_requested.is_set
 
-    if wait_ready(url, process, args.ready_timeout):
+    ready = wait_ready(url, (host, args.grpc_port), process, args.ready_timeout)
+    if ready and args.unet_version is not None:
+        failure = pin_version(admin, "unet", args.unet_version)
+        if failure:
+            print(f"serve.py: cannot serve unet version {args.unet_version}: {failure}", file=sys.stderr, flush=True)
+            ready = False
+    if ready:
         print(f"Triton is ready: model 'hemorrhage_segmentation'\n"
               f"  HTTP    http://{host}:{args.http_port}\n"
               f"  gRPC    {host}:{args.grpc_port}{' (TLS)' if args.grpc_tls_cert else ''}\n"

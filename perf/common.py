@@ -138,15 +138,35 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+READY_LINE = "Triton is ready"  # what serve.py prints once every model is loaded (and pinned, if asked)
+
+
 @dataclass
 class StartedServer:
     process: subprocess.Popen
-    http_url: str
-    grpc_url: str
-    metrics_url: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
     log_path: Path
+    admin_key: str
 
-    def stop(self, timeout: float = 90.0) -> None:
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 90.0) -> int:
+        """SIGTERM (serve.py drains), SIGKILL to the whole group if it hangs; the exit code."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -154,24 +174,28 @@ class StartedServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        return self.process.returncode
 
 
 def start_triton(log_path: Path, model_repository: Path = MODEL_REPOSITORY, timeout: float = 300.0,
-                 extra_args: tuple[str, ...] = ()) -> StartedServer:
-    """serve.py on free loopback ports; returns when the server reports ready."""
+                 extra_args: tuple[str, ...] = (), admin_key: str | None = None) -> StartedServer:
+    """serve.py on free loopback ports; returns once serve.py says the service is ready."""
     http, grpc, metrics = free_ports(3)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, **({"HEMOSEG_ADMIN_KEY": admin_key} if admin_key else {}))
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, str(REPO_ROOT / "serve.py"), "--http-port", str(http), "--grpc-port", str(grpc),
              "--metrics-port", str(metrics), "--model-repository", str(model_repository), *extra_args],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True)
-    server = StartedServer(process, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}/metrics",
-                           log_path)
-    if not wait_http_ready(f"http://{server.http_url}/v2/health/ready", timeout, process):
-        server.stop()
-        tail = log_path.read_text(errors="replace")[-3000:]
-        raise SystemExit(f"Triton did not become ready (log {log_path}):\n{tail}")
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env, start_new_session=True)
+    server = StartedServer(process, http, grpc, metrics, log_path, admin_key or "")
+    deadline = time.monotonic() + timeout
+    while READY_LINE not in server.log():
+        if process.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"serve.py did not become ready (exit code {process.returncode}, log {log_path}):\n"
+                               f"{server.log()[-5000:]}")
+        time.sleep(0.3)
     return server
 
 

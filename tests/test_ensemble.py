@@ -4,6 +4,7 @@ over HTTP and gRPC with tritonclient."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import threading
 import time
@@ -17,7 +18,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from postprocess_backend import threshold_level
-from tests.conftest import ENSEMBLE, SAMPLE_PHOTOS, start_server, stop_server
+from tests.conftest import ENSEMBLE, REPO_ROOT, SAMPLE_PHOTOS, start_server, stop_server
 from tests.fundus import encode, synthetic_fundus
 
 PROTOCOLS = {"http": httpclient, "grpc": grpcclient}
@@ -208,3 +209,20 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path, sample_bytes
         stop_server(server)
     assert outcome.get("statuses") == ["ok"] * 6, outcome
     assert code == 0, server.log()[-3000:]
+
+
+def test_a_chosen_unet_version_is_served(tmp_path, sample_bytes):
+    """serve.py --unet-version N serves that version instead of the newest (both stay in the repository)."""
+    repository = tmp_path / "model_repository"
+    shutil.copytree(REPO_ROOT / "model_repository", repository, ignore=shutil.ignore_patterns("__pycache__"))
+    newest = max(int(d.name) for d in (repository / "unet").iterdir() if d.name.isdigit())
+    shutil.copytree(repository / "unet" / str(newest), repository / "unet" / str(newest + 1))
+    versions = {}
+    for pinned in (None, newest):
+        server = start_server(tmp_path, repository, extra_args=("--unet-version", str(pinned)) if pinned else ())
+        try:
+            result = infer(make_client(server, "grpc"), "grpc", sample_bytes[:1])
+            versions[pinned] = json.loads(result.as_numpy("LESIONS")[0, 0])["model"]["version"]
+        finally:
+            assert stop_server(server) == 0
+    assert versions == {None: str(newest + 1), newest: str(newest)}

@@ -146,3 +146,17 @@ def test_windowed_lesions_equal_thresholding_the_whole_photo():
 def test_png_encoder_round_trips():
     img = (np.random.default_rng(0).random((37, 53)) * 255).astype(np.uint8)
     assert np.array_equal(_decode(encode_png(img)), img)
+
+
+@pytest.mark.parametrize("shape,rows", [((300, 257), (5, 6, 100, 170, 171)), ((70, 9), ()), ((1, 4), (0,)),
+                                        ((200, 33), tuple(range(200)))])
+def test_png_encoder_with_zero_and_non_zero_row_runs(shape, rows):
+    from PIL import Image
+    import io
+    img = np.zeros(shape, np.uint8)
+    rng = np.random.default_rng(2)
+    for r in rows:
+        img[r] = rng.integers(0, 256, shape[1])
+    png = encode_png(img)
+    assert np.array_equal(_decode(png), img)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), img)  # a second, stricter decoder (CRC, Adler)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -197,6 +198,29 @@ def start_triton(log_path: Path, model_repository: Path = MODEL_REPOSITORY, time
                                f"{server.log()[-5000:]}")
         time.sleep(0.3)
     return server
+
+
+@contextlib.contextmanager
+def local_triton(url: str | None, name: str):
+    """(gRPC URL, tritonserver pid) of the server at `url` on this machine, or of a serve.py started for the
+    duration of the block (log: /tmp/NAME-PID.log)."""
+    import psutil
+
+    server = None
+    if not url:
+        print("starting serve.py ...", flush=True)
+        server = start_triton(Path("/tmp") / f"{name}-{os.getpid()}.log")
+        url = server.grpc_url
+    try:
+        port = url.rsplit(":", 1)[1]
+        pid = next((p.pid for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "tritonserver"
+                    and f"--grpc-port={port}" in (p.info["cmdline"] or [])), None)
+        if pid is None:
+            raise SystemExit(f"no tritonserver process with --grpc-port={port} on this machine")
+        yield url, pid
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def wait_http_ready(url: str, timeout: float, process: subprocess.Popen | None = None) -> bool:

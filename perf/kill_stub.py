@@ -28,7 +28,7 @@ import psutil
 import tritonclient.grpc as grpcclient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from perf.common import ENSEMBLE, image_tensor, load_photos, start_triton  # noqa: E402
+from perf.common import ENSEMBLE, image_tensor, load_photos, local_triton  # noqa: E402
 
 MODELS = ("preprocess", "unet", "postprocess")
 
@@ -85,14 +85,6 @@ class Load:
     def since(self, t: float) -> list[Record]:
         with self.lock:
             return [r for r in self.records if r.start >= t]
-
-
-def find_triton_pid(grpc_port: int) -> int:
-    for p in psutil.process_iter(["name", "cmdline"]):
-        cmdline = p.info["cmdline"] or []
-        if p.info["name"] == "tritonserver" and f"--grpc-port={grpc_port}" in cmdline:
-            return p.pid
-    raise SystemExit(f"no tritonserver process with --grpc-port={grpc_port} on this machine")
 
 
 def stubs_of(triton_pid: int, model: str) -> list[psutil.Process]:
@@ -184,20 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     photos = [data for _, data in load_photos(args.photos, args.photo_glob)]
-    server = None
-    if args.url:
-        grpc_url = args.url
-    else:
-        print("starting serve.py ...", flush=True)
-        server = start_triton(Path("/tmp") / f"kill_stub-{os.getpid()}.log")
-        grpc_url = server.grpc_url
-    try:
-        triton_pid = find_triton_pid(int(grpc_url.rsplit(":", 1)[1]))
+    with local_triton(args.url, "kill_stub") as (grpc_url, triton_pid):
         results = run(grpc_url, triton_pid, photos, [m for m in args.models.split(",") if m], args.clients,
                       args.batch, args.recovery_timeout, args.settle)
-    finally:
-        if server is not None:
-            server.stop()
     print(markdown(results))
     print(json.dumps(results, indent=2))
     if args.json:

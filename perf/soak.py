@@ -26,8 +26,8 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from perf.common import latency_summary_ms, load_photos, machine_info, start_triton  # noqa: E402
-from perf.kill_stub import Load, find_triton_pid  # noqa: E402
+from perf.common import latency_summary_ms, load_photos, local_triton, machine_info  # noqa: E402
+from perf.kill_stub import Load  # noqa: E402
 
 
 def process_label(proc: psutil.Process, triton_pid: int) -> str:
@@ -134,15 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     photos = [data for _, data in load_photos(args.photos, args.photo_glob)]
-    server = None
-    if args.url:
-        grpc_url = args.url
-    else:
-        print("starting serve.py ...", flush=True)
-        server = start_triton(Path("/tmp") / f"soak-{os.getpid()}.log")
-        grpc_url = server.grpc_url
-    try:
-        triton_pid = find_triton_pid(int(grpc_url.rsplit(":", 1)[1]))
+    with local_triton(args.url, "soak") as (grpc_url, triton_pid):
         sampler = RssSampler(triton_pid, args.sample_every)
         duration = args.minutes * 60.0
         print(f"soak: {args.minutes} min, {args.clients} clients x {args.batch} photos, {len(photos)} photos, "
@@ -159,9 +151,6 @@ def main(argv: list[str] | None = None) -> int:
         sampler.stop_event.set()
         sampler.join(10)
         sampler.sample()
-    finally:
-        if server is not None:
-            server.stop()
 
     records = load.records
     failures = [r for r in records if not r.ok]

@@ -51,13 +51,23 @@ def _fov_box(geometry: Geometry) -> tuple[int, int, int, int]:
 
 
 def _warp_window(prob8: np.ndarray, geometry: Geometry, window: tuple[int, int, int, int]) -> np.ndarray:
-    """Bilinear uint8 probability on the original-grid window (x0, y0, x1, y1), zero outside the FOV."""
+    """Bilinear uint8 probability on the original-grid window (x0, y0, x1, y1), zero outside the FOV.
+
+    The sampling position of every original pixel is computed from its global coordinates, so that a pixel
+    gets exactly the same value whichever window it is computed in (warpAffine's fixed-point arithmetic
+    depends on the window's origin, which made the windowed mask and the full probability map differ by one
+    level at some lesion borders).
+    """
     x0, y0, x1, y1 = window
-    m = geometry.working_to_original(prob8.shape[0])
-    m[0, 2] -= x0
-    m[1, 2] -= y0
+    scale = prob8.shape[0] / geometry.square_side  # working pixels per original pixel
+    # Original pixel centre X sits at working coordinate (X + 0.5 - square_x0) * scale - 0.5.
+    xs = ((np.arange(x0, x1) + 0.5 - geometry.square_x0) * scale - 0.5).astype(np.float32)
+    ys = ((np.arange(y0, y1) + 0.5 - geometry.square_y0) * scale - 0.5).astype(np.float32)
+    map_x = np.broadcast_to(xs[None, :], (y1 - y0, x1 - x0))
+    map_y = np.broadcast_to(ys[:, None], (y1 - y0, x1 - x0))
     # Replicate, not zero, past the grid's edge: the FOV disc touches it, and the FOV mask cuts outside anyway.
-    out = cv2.warpAffine(prob8, m, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    out = cv2.remap(prob8, np.ascontiguousarray(map_x), np.ascontiguousarray(map_y), cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_REPLICATE)
     out *= original_fov_mask(geometry, window)
     return out
 

@@ -374,6 +374,11 @@ def test_model_updates_bad_versions_are_refused_good_ones_served_without_failure
     repo = tmp_path / "repo"
     shutil.copytree(REPO_ROOT / "model_repository", repo, ignore=shutil.ignore_patterns("__pycache__"))
     unet = repo / "unet"
+    shipped = sorted(int(d.name) for d in unet.iterdir() if d.name.isdigit())
+    for old in shipped[:-1]:  # start from the newest shipped version alone, renumbered 1
+        shutil.rmtree(unet / str(old))
+    if shipped[-1] != 1:
+        (unet / str(shipped[-1])).rename(unet / "1")
 
     def new_version(v: int, onnx_writer=None, model_py: str | None = None) -> None:
         staging = tmp_path / f"staging-{v}"  # copy beside, then rename: the poller never sees half a folder

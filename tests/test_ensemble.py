@@ -18,7 +18,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from postprocess_backend import threshold_level
-from tests.conftest import ENSEMBLE, REPO_ROOT, SAMPLE_PHOTOS, start_server, stop_server
+from tests.conftest import ENSEMBLE, REPO_ROOT, start_server, stop_server
 from tests.fundus import encode, synthetic_fundus
 
 PROTOCOLS = {"http": httpclient, "grpc": grpcclient}

@@ -441,22 +441,23 @@ def test_invalid_exif_orientation_is_ignored_and_benign_jpeg_warnings_are_accept
 
 def test_serve_helpers(tmp_path):
     import serve
-    assert serve.version_policy("version_policy: { latest { num_versions: 2 } }") == ("latest", 2)
-    assert serve.version_policy("version_policy: { specific { versions: [1, 3] } }") == ("specific", [1, 3])
-    assert serve.version_policy("version_policy: { all { } }") == ("all", None)
-    assert serve.version_policy("name: 'x'") == ("latest", 1)
-    assert serve.select_versions(("latest", 1), [1, 4, 2]) == [4]
-    assert serve.select_versions(("specific", [1, 3]), [1, 2]) == [1]
-    assert serve.default_max_request_bytes(REPO_ROOT / "model_repository") == 16 * MAX_BYTES
+    from serving import supervisor
+    assert supervisor.version_policy("version_policy: { latest { num_versions: 2 } }") == ("latest", 2)
+    assert supervisor.version_policy("version_policy: { specific { versions: [1, 3] } }") == ("specific", [1, 3])
+    assert supervisor.version_policy("version_policy: { all { } }") == ("all", None)
+    assert supervisor.version_policy("name: 'x'") == ("latest", 1)
+    assert supervisor.select_versions(("latest", 1), [1, 4, 2]) == [4]
+    assert supervisor.select_versions(("specific", [1, 3]), [1, 2]) == [1]
+    assert supervisor.default_max_request_bytes(REPO_ROOT / "model_repository") == 16 * MAX_BYTES
     model = tmp_path / "m"
     (model / "1" / "__pycache__").mkdir(parents=True)
     (model / "config.pbtxt").write_text("name: 'm'")
     (model / "1" / "model.py").write_text("x = 1")
-    before = serve.fingerprint(model)
+    before = supervisor.fingerprint(model)
     (model / "1" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"cache")  # Python's own writes: ignored
-    assert serve.fingerprint(model) == before
+    assert supervisor.fingerprint(model) == before
     (model / "2").mkdir()
-    assert serve.fingerprint(model) != before and set(serve.fingerprint(model).versions) == {1, 2}
+    assert supervisor.fingerprint(model) != before and set(supervisor.fingerprint(model).versions) == {1, 2}
     args = serve.parse_args(["--grpc-tls-cert", str(model / "config.pbtxt"), "--grpc-tls-key", str(model / "config.pbtxt")])
     cmd = serve.triton_command(args, Path("tritonserver"), None, "k")
     assert "--grpc-use-ssl=true" in cmd and "--grpc-use-ssl-mutual=true" not in cmd

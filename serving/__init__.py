@@ -1,0 +1,1 @@
+"""Helpers of serve.py that run beside Triton."""

@@ -59,10 +59,9 @@ def _warp_window(prob8: np.ndarray, geometry: Geometry, window: tuple[int, int, 
     level at some lesion borders).
     """
     x0, y0, x1, y1 = window
-    scale = prob8.shape[0] / geometry.square_side  # working pixels per original pixel
-    # Original pixel centre X sits at working coordinate (X + 0.5 - square_x0) * scale - 0.5.
-    xs = ((np.arange(x0, x1) + 0.5 - geometry.square_x0) * scale - 0.5).astype(np.float32)
-    ys = ((np.arange(y0, y1) + 0.5 - geometry.square_y0) * scale - 0.5).astype(np.float32)
+    m = geometry.original_to_working(prob8.shape[0])  # axis-aligned: x and y map separately
+    xs = (m[0, 0] * np.arange(x0, x1) + m[0, 2]).astype(np.float32)
+    ys = (m[1, 1] * np.arange(y0, y1) + m[1, 2]).astype(np.float32)
     map_x = np.broadcast_to(xs[None, :], (y1 - y0, x1 - x0))
     map_y = np.broadcast_to(ys[:, None], (y1 - y0, x1 - x0))
     # Replicate, not zero, past the grid's edge: the FOV disc touches it, and the FOV mask cuts outside anyway.

@@ -262,8 +262,8 @@ def test_two_views_overlap_and_stay_inside_fov(data):
 def test_train_supervised_checkpoint(supervised_checkpoint, data):
     ckpt = load_checkpoint(supervised_checkpoint)
     check_provenance(ckpt, "supervised")
-    from training.data import manifest_hash
-    assert ckpt["manifest_sha256"] == manifest_hash(data["manifest"])
+    from training.common import file_hash
+    assert ckpt["manifest_sha256"] == file_hash(data["manifest"])
     assert 0.0 < ckpt["threshold"] < 1.0 and ckpt["metrics"]["threshold"] == ckpt["threshold"]
     assert {"pixel_aupr", "dice", "lesion_sensitivity", "dice_optimal_threshold"} <= set(ckpt["metrics"])
     build_model(ckpt["model_config"]).load_state_dict(ckpt["state_dict"])

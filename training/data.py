@@ -51,10 +51,6 @@ def read_manifest(path: Path) -> list[ManifestRow]:
                             r["label_quality"], r["split"]) for r in csv.DictReader(f)]
 
 
-def manifest_hash(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 # Labels rebuilt from lossy 512 px copies agree with the exact ones at Dice ~0.6-0.8: trust them less.
 LABEL_WEIGHTS = {"exact": 1.0, "exact-shifted": 1.0, "lossy-512": 0.5}
 

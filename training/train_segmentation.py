@@ -87,6 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--unlabeled-fraction", type=float, default=0.5, help="share of patches from unlabeled photos")
     p.add_argument("--lesion-focus", type=float, default=0.5, help="share of labelled patches centred on a lesion")
     p.add_argument("--eval-every", type=int, default=5, help="epochs between val evaluations (0: only at the end)")
+    p.add_argument("--include-val", action="store_true",
+                   help="refit: train on train + val with a recipe already chosen on val; nothing is evaluated, "
+                        "and --threshold (chosen on val by the held-out runs of the recipe) is the operating point")
+    p.add_argument("--threshold", type=float, default=None, help="operating threshold for --include-val")
     p.add_argument("--ema", type=float, default=0.998,
                    help="decay of the exponential moving average of the weights that is evaluated and saved "
                         "(0: the raw weights; version 1 was trained with 0)")
@@ -100,7 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Test hook: every rank saves its model state_dict as DIR/rank{R}.pt at the end, so that a test can check
     # that DDP kept the ranks identical. Not for normal use.
     p.add_argument("--save-rank-states", type=Path, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.include_val and args.threshold is None:
+        p.error("--include-val needs --threshold (val cannot choose it when val is trained on)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -113,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     pre_config = PreprocessConfig(working_size=args.working_size)
 
     labelled = load_labelled(args.manifest, "train", pre_config, args.cache)
+    if args.include_val:
+        labelled += load_labelled(args.manifest, "val", pre_config, args.cache)
     unlabeled = (load_unlabeled(args.unlabeled, pre_config, args.cache, split_ids(args.manifest, "val"))
                  if multitask else [])
     dataset = PatchDataset(labelled, args.patch, args.steps_per_epoch * args.batch_size * world.world_size,
@@ -174,10 +183,11 @@ def main(argv: list[str] | None = None) -> dict:
             running["seg"] += seg.item()
             running["rec"] += rec.item()
             bar.set_postfix(seg=f"{seg.item():.3f}", rec=f"{rec.item():.3f}")
-        record = {"epoch": epoch + 1, "lr": schedule.get_last_lr()[0], "elapsed_s": round(time.time() - started, 1),
+        record = {"epoch": epoch + 1, "step": (epoch + 1) * args.steps_per_epoch, "lr": schedule.get_last_lr()[0], "elapsed_s": round(time.time() - started, 1),
                   **{f"loss_{k}": world.mean(v / len(loader)) for k, v in running.items()}}
         last = epoch + 1 == args.epochs
-        if world.is_main and (last or (args.eval_every and (epoch + 1) % args.eval_every == 0)):
+        evaluate_now = last or (args.eval_every and (epoch + 1) % args.eval_every == 0)
+        if world.is_main and evaluate_now and not args.include_val:
             metrics = evaluate(torch_predictor(served, world.device), args.manifest, "val",
                                preprocess_config=pre_config, progress=False)
             model.train()
@@ -195,10 +205,13 @@ def main(argv: list[str] | None = None) -> dict:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
                   flush=True)
     if world.is_main:
-        # Operating point: the Dice-optimal threshold on val, then the scores at it.
-        threshold = metrics["dice_optimal_threshold"]
-        metrics = evaluate(torch_predictor(served, world.device), args.manifest, "val", threshold, pre_config,
-                           progress=False)
+        if args.include_val:
+            threshold, metrics = args.threshold, {"note": "refit on train + val: no held-out score"}
+        else:
+            # Operating point: the Dice-optimal threshold on val, then the scores at it.
+            threshold = metrics["dice_optimal_threshold"]
+            metrics = evaluate(torch_predictor(served, world.device), args.manifest, "val", threshold, pre_config,
+                               progress=False)
         metrics["train_wall_time_s"] = round(time.time() - started, 1)
         save_checkpoint(args.output / "last.pt", served, stage=stage,
                         config=json_safe(vars(args)) | {"init_note": init_note}, metrics=metrics,

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training import evaluate, pretrain_moco, train_segmentation
+from training import evaluate, pretrain_moco, recalibrate_bn, sweep, train_segmentation
 from training.common import load_checkpoint
 from training.metrics import SegmentationScores, average_precision_from_histograms, lesion_matches
 from training.model import Encoder, build_model
@@ -302,6 +302,88 @@ def test_evaluate_cli(supervised_checkpoint, data, tmp_path, capsys):
     # Same working size (from the checkpoint) and threshold as at the end of training: the same scores.
     for key in ("pixel_aupr", "dice", "lesions_true", "lesions_predicted"):
         assert scores[key] == pytest.approx(ckpt["metrics"][key], nan_ok=True), key
+
+
+def test_refit_on_train_and_val_needs_a_threshold(data, tmp_path, capsys):
+    args = ["--manifest", str(data["manifest"]), "--output", str(tmp_path), "--workers", "0", "--include-val",
+            *common_args(data)]
+    with pytest.raises(SystemExit):
+        train_segmentation.main(args)  # val cannot choose the threshold when val is trained on
+    train_segmentation.main(args + ["--threshold", "0.3"])
+    assert "5 labelled" in capsys.readouterr().out  # 3 train + 2 val photos
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["threshold"] == 0.3 and "no held-out score" in ckpt["metrics"]["note"]
+    assert not any(k.startswith("val_") for k in json.loads((tmp_path / "log.jsonl").read_text()))
+
+
+def test_recompute_batch_norm_matches_hand_computed_statistics():
+    torch.manual_seed(0)
+    model = build_model({"channels": [4, 8, 8, 8, 8]}).eval()
+    conv, bn = model.encoder.stages[0][0][0], model.encoder.stages[0][0][1]
+    bn.running_mean.fill_(5.0)
+    bn.running_var.fill_(9.0)
+    batches = [{"pixels": torch.rand(2, 3, 32, 32)} for _ in range(3)]
+    train_segmentation.recompute_batch_norm(model, batches, torch.device("cpu"), batches=3, bf16=False)
+    with torch.no_grad():
+        outs = [conv(b["pixels"]) for b in batches]
+    # Cumulative average over equal batches: the mean of the batch means and of the unbiased batch variances.
+    assert torch.allclose(bn.running_mean, torch.stack([o.mean(dim=(0, 2, 3)) for o in outs]).mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_var, torch.stack([o.var(dim=(0, 2, 3)) for o in outs]).mean(0), atol=1e-5)
+    assert not model.training and bn.momentum == 0.1
+
+
+def test_recalibrate_bn_cli(supervised_checkpoint, data, tmp_path):
+    out = tmp_path / "recalibrated.pt"
+    metrics = recalibrate_bn.main(["--checkpoint", str(supervised_checkpoint), "--output", str(out), "--manifest",
+                                   str(data["manifest"]), "--batches", "2", "--seed", "1", "--cache",
+                                   str(data["cache"])])
+    before, after = load_checkpoint(supervised_checkpoint)["state_dict"], load_checkpoint(out)
+    assert after["config"]["bn_recomputed"]["batches"] == 2
+    assert after["metrics"]["pixel_aupr"] == metrics["pixel_aupr"] and after["threshold"] == metrics["threshold"]
+    running = [k for k in before if "running_" in k]
+    assert any(not torch.equal(before[k], after["state_dict"][k]) for k in running)
+    assert all(torch.equal(before[k], after["state_dict"][k]) for k in before if "running_" not in k
+               and "num_batches" not in k)
+
+
+def write_log(run: Path, aupr_by_step: dict[int, float]) -> None:
+    run.mkdir(parents=True)
+    (run / "log.jsonl").write_text("".join(json.dumps(
+        {"step": t, "elapsed_s": t, "val_pixel_aupr": a, "val_dice_optimal_threshold": 0.2}) + "\n"
+        for t, a in aupr_by_step.items()))
+
+
+def test_sweep_chooses_the_best_seed_mean_not_the_luckiest_run(tmp_path):
+    write_log(tmp_path / "random_s0", {10: 0.30, 20: 0.90})  # the best single run ...
+    write_log(tmp_path / "random_s1", {10: 0.30, 20: 0.10})  # ... of an arm whose mean is 0.5
+    write_log(tmp_path / "moco_s0", {10: 0.55, 20: 0.60})
+    write_log(tmp_path / "moco_s1", {10: 0.65, 20: 0.50})
+    write_log(tmp_path / "moco_mtl_s0", {10: 0.20, 20: 0.40})
+    write_log(tmp_path / "moco_mtl_s1", {10: 0.20})  # steps not reached by every seed are not compared
+    summary = sweep.choose(tmp_path, seeds=2)
+    assert summary["choice"] == {"arm": "moco", "step": 10, "mean_val_aupr": pytest.approx(0.6),
+                                 "threshold": pytest.approx(0.2)}
+    assert summary["arms"]["moco_mtl"]["steps"] == [10]
+    assert summary["arms"]["random"]["std_aupr"] == pytest.approx([0.0, 0.4])
+
+
+def test_sweep_end_to_end(data, tmp_path):
+    root = data["manifest"].parents[1]
+    if not (root / "fundus_unlabeled").exists():
+        (root / "fundus_unlabeled").symlink_to(data["unlabeled"])
+    summary = sweep.main(["--data", str(root), "--output", str(tmp_path / "sweep"), "--seeds", "2", "--steps", "2",
+                          "--steps-per-eval", "1", "--batch-size", "2", "--patch", "64", "--moco-steps", "2",
+                          "--moco-batch-size", "4", "--workers", "0", "--working-size", "128", "--channels",
+                          *CHANNELS, "--cache", str(data["cache"]), "--pack-to", str(tmp_path / "packed")])
+    assert all(v["steps"] == [1, 2] for v in summary["arms"].values())
+    choice = summary["choice"]
+    assert choice["arm"] in sweep.ARMS and summary["refit_exit_code"] == 0
+    refit = load_checkpoint(tmp_path / "sweep" / f"refit_{choice['arm']}" / "last.pt")
+    assert refit["threshold"] == pytest.approx(choice["threshold"], abs=1e-6) and refit["config"]["include_val"]
+    assert json.loads((tmp_path / "sweep" / "summary.json").read_text()) == summary
+    import tarfile
+    with tarfile.open(tmp_path / "packed" / "sweep_checkpoints_1.tar") as tar:
+        assert sum(name.endswith("best.pt") for name in tar.getnames()) == 6
 
 
 # ------------------------------------------------------------------------------------------------------- DDP

@@ -31,6 +31,7 @@ from preprocess_backend import PreprocessConfig
 
 from .common import REPO_ROOT
 from .data import load_labelled, load_unlabeled
+from .model import DEFAULT_CHANNELS
 
 ARMS = ("random", "moco", "moco_mtl")
 
@@ -47,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--moco-steps", type=int, default=2000, help="(default: 2000)")
     p.add_argument("--moco-batch-size", type=int, default=64, help="(default: 64)")
     p.add_argument("--workers", type=int, default=2, help="loader processes per arm (default: 2)")
+    p.add_argument("--cache", type=Path, default=REPO_ROOT / ".cache" / "preprocessed")
+    p.add_argument("--working-size", type=int, default=PreprocessConfig().working_size)
+    p.add_argument("--channels", type=int, nargs="+", default=list(DEFAULT_CHANNELS))
     p.add_argument("--deadline-s", type=float, default=3600, help="stop everything after this long, keeping "
                                                                  "the checkpoints so far (default: 3600)")
     p.add_argument("--no-refit", dest="refit", action="store_false")
@@ -147,12 +151,13 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = Jobs(started + args.deadline_s)
     out, manifest = args.output, args.data / "idrid_he" / "manifest.csv"
     out.mkdir(parents=True, exist_ok=True)
-    common = ["--manifest", str(manifest), "--batch-size", str(args.batch_size), "--patch", str(args.patch),
+    model = ["--working-size", str(args.working_size), "--channels", *map(str, args.channels), "--cache", str(args.cache)]
+    common = model + ["--manifest", str(manifest), "--batch-size", str(args.batch_size), "--patch", str(args.patch),
               "--steps-per-epoch", str(args.steps_per_eval), "--eval-every", "1", "--workers", str(args.workers)]
     epochs = max(1, args.steps // args.steps_per_eval)
 
     # Fill the preprocessing cache once, before the arms race to write it.
-    cache, config = REPO_ROOT / ".cache" / "preprocessed", PreprocessConfig()
+    cache, config = args.cache, PreprocessConfig(working_size=args.working_size)
     with ThreadPoolExecutor(3) as pool:
         list(pool.map(lambda load: load(), [lambda: load_labelled(manifest, "train", config, cache),
                                             lambda: load_labelled(manifest, "val", config, cache),
@@ -160,10 +165,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[sweep] cache ready after {time.time() - started:.0f} s", flush=True)
 
     moco = out / "moco"
-    moco_epochs = max(1, args.moco_steps // 50)
-    jobs.start("moco", "training.pretrain_moco", [
+    moco_steps_per_epoch = min(50, args.moco_steps)
+    jobs.start("moco", "training.pretrain_moco", model + [
         "--unlabeled", str(args.data / "fundus_unlabeled"), "--holdout-manifest", str(manifest),
-        "--output", str(moco), "--epochs", str(moco_epochs), "--steps-per-epoch", "50",
+        "--output", str(moco), "--epochs", str(max(1, args.moco_steps // moco_steps_per_epoch)),
+        "--steps-per-epoch", str(moco_steps_per_epoch),
         "--batch-size", str(args.moco_batch_size), "--workers", str(2 * args.workers)], out / "moco.log")
     runs = [(arm, s) for arm in ARMS for s in range(args.seeds)]
     for arm, s in runs:  # arms that need no MoCo start now

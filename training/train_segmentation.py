@@ -53,6 +53,30 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, fov: torch.Ten
     return bce + dice
 
 
+@torch.no_grad()
+def recompute_batch_norm(model: torch.nn.Module, loader, device: torch.device, batches: int, bf16: bool) -> None:
+    """Re-estimate every BatchNorm's statistics of `model` on `batches` training batches (cumulative average).
+
+    The averaged (EMA) weights need statistics of their own: the average of the raw model's running statistics
+    is not what the averaged weights produce (torch.optim.swa_utils.update_bn does this for SWA). Without it,
+    one EMA model here scored 0.03 val pixel AUPR, and 0.51 after this step.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    was_training = model.training
+    model.train()
+    for _, batch in zip(range(batches), loader):
+        pixels = batch["pixels"].to(device, non_blocking=True, memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            model(pixels)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
 def reconstruction_loss(reconstruction: torch.Tensor, pixels: torch.Tensor, fov: torch.Tensor) -> torch.Tensor:
     return ((reconstruction - pixels).abs() * fov).sum() / (fov.sum() * pixels.shape[1]).clamp_min(1.0)
 
@@ -94,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema", type=float, default=0.998,
                    help="decay of the exponential moving average of the weights that is evaluated and saved "
                         "(0: the raw weights; version 1 was trained with 0)")
+    p.add_argument("--bn-batches", type=int, default=50,
+                   help="training batches over which the averaged model's BatchNorm statistics are recomputed "
+                        "before each evaluation and save")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--no-bf16", dest="bf16", action="store_false",
                    help="train in float32 (default: bfloat16 autocast, ~3x faster on AVX-512-BF16 CPUs)")
@@ -187,6 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
                   **{f"loss_{k}": world.mean(v / len(loader)) for k, v in running.items()}}
         last = epoch + 1 == args.epochs
         evaluate_now = last or (args.eval_every and (epoch + 1) % args.eval_every == 0)
+        if world.is_main and averaged is not None and evaluate_now:
+            recompute_batch_norm(served, loader, world.device, args.bn_batches, args.bf16)
         if world.is_main and evaluate_now and not args.include_val:
             metrics = evaluate(torch_predictor(served, world.device), args.manifest, "val",
                                preprocess_config=pre_config, progress=False)

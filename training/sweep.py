@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = Jobs(started + args.deadline_s)
     out, manifest = args.output, args.data / "idrid_he" / "manifest.csv"
     out.mkdir(parents=True, exist_ok=True)
-    model = ["--working-size", str(args.working_size), "--channels", *map(str, args.channels), "--cache", str(args.cache)]
+    model = ["--working-size", str(args.working_size), "--channels", *map(str, args.channels),
+             "--cache", str(args.cache)]
     common = model + ["--manifest", str(manifest), "--batch-size", str(args.batch_size), "--patch", str(args.patch),
               "--steps-per-epoch", str(args.steps_per_eval), "--eval-every", "1", "--workers", str(args.workers)]
     epochs = max(1, args.steps // args.steps_per_eval)

@@ -13,6 +13,7 @@ Losses: segmentation = BCE + soft Dice on the soft working-grid target, inside t
 label quality (lossy 512 px labels count half). Reconstruction = L1 between the decoder's output and the
 (augmented) input patch inside the FOV, weighted by --reconstruction-weight (default 0.5) for every patch.
 The final checkpoint carries the Dice-optimal threshold on `val`, which serving uses as its operating point.
+What is evaluated and saved is the weights' moving average (--ema), with BatchNorm statistics recomputed for it.
 """
 
 from __future__ import annotations
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
             running["seg"] += seg.item()
             running["rec"] += rec.item()
             bar.set_postfix(seg=f"{seg.item():.3f}", rec=f"{rec.item():.3f}")
-        record = {"epoch": epoch + 1, "step": (epoch + 1) * args.steps_per_epoch, "lr": schedule.get_last_lr()[0], "elapsed_s": round(time.time() - started, 1),
+        record = {"epoch": epoch + 1, "step": (epoch + 1) * args.steps_per_epoch, "lr": schedule.get_last_lr()[0],
+                  "elapsed_s": round(time.time() - started, 1),
                   **{f"loss_{k}": world.mean(v / len(loader)) for k, v in running.items()}}
         last = epoch + 1 == args.epochs
         evaluate_now = last or (args.eval_every and (epoch + 1) % args.eval_every == 0)

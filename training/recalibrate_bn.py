@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
                            args.seed, unlabeled, config.get("unlabeled_fraction", 0.0))
     model = build_model(ckpt["model_config"])
     model.load_state_dict(ckpt["state_dict"])
-    before = ckpt["metrics"].get("pixel_aupr")
+    before = ckpt["metrics"].get("pixel_aupr", float("nan"))  # nan: a refit on train + val has no val score
     recompute_batch_norm(model, DataLoader(dataset, config["batch_size"], num_workers=1), torch.device("cpu"),
                          args.batches, args.bf16)
     metrics = evaluate(torch_predictor(model), args.manifest, "val", preprocess_config=pre_config, progress=False)

@@ -428,8 +428,15 @@ def run_fastapi(args, photos, url: str) -> list[dict]:
 
 
 def weights_check(checkpoint: Path, onnx_path: Path, photos) -> dict:
-    """max |p_torch - p_onnx| on one real photo: the FastAPI arm must run the same weights as the ensemble."""
+    """max |p_torch - p_onnx| on one real photo: the FastAPI arm must run the same weights as the ensemble.
+
+    An int8 version keeps its FP32 export beside it (model_fp32.onnx): the check compares against that, since
+    quantisation alone moves single probabilities by up to ~0.2 (its effect on AUPR is gated at build time).
+    """
     import torch
+
+    fp32 = onnx_path.with_name("model_fp32.onnx")
+    onnx_path = fp32 if fp32.exists() else onnx_path
 
     from perf.fastapi_baseline import load_model
 

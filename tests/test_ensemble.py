@@ -18,26 +18,8 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from postprocess_backend import threshold_level
-from tests.conftest import ENSEMBLE, REPO_ROOT, start_server, stop_server
+from tests.conftest import ENSEMBLE, REPO_ROOT, infer, make_client, start_server, stop_server
 from tests.fundus import encode, synthetic_fundus
-
-PROTOCOLS = {"http": httpclient, "grpc": grpcclient}
-
-
-def make_client(server, protocol):
-    if protocol == "http":
-        return httpclient.InferenceServerClient(server.http_url, network_timeout=300.0, connection_timeout=300.0)
-    return grpcclient.InferenceServerClient(server.grpc_url)
-
-
-def infer(client, protocol, photos: list[bytes], probability: bool | None = None):
-    module = PROTOCOLS[protocol]
-    image = module.InferInput("IMAGE", [len(photos), 1], "BYTES")
-    image.set_data_from_numpy(np.array(photos, dtype=np.object_).reshape(-1, 1))
-    outputs = [module.InferRequestedOutput(name) for name in ("MASK", "LESIONS", "PROBABILITY")]
-    params = None if probability is None else {"probability": probability}
-    return client.infer(ENSEMBLE, [image], outputs=outputs, parameters=params)
-
 
 def decode_png(data: bytes) -> np.ndarray:
     return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)

@@ -29,26 +29,17 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from perf import kill_stub
-from tests.conftest import ENSEMBLE, REPO_ROOT, SAMPLE_PHOTOS, start_server, stop_server
+from tests.conftest import ENSEMBLE, REPO_ROOT, SAMPLE_PHOTOS, make_client, start_server, stop_server
+from tests.conftest import infer as request_ensemble
 from tests.fundus import encode, synthetic_fundus
 
-PROTOCOLS = {"http": httpclient, "grpc": grpcclient}
 MAX_BYTES = 64 * 2**20  # preprocess max_bytes (config.pbtxt)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def client_for(server, protocol: str):
-    if protocol == "http":
-        return httpclient.InferenceServerClient(server.http_url, network_timeout=300.0, connection_timeout=300.0)
-    return grpcclient.InferenceServerClient(server.grpc_url)
-
-
 def infer(client, protocol: str, photos: list[bytes]):
-    module = PROTOCOLS[protocol]
-    image = module.InferInput("IMAGE", [len(photos), 1], "BYTES")
-    image.set_data_from_numpy(np.array(photos, dtype=np.object_).reshape(-1, 1))
-    return client.infer(ENSEMBLE, [image], outputs=[module.InferRequestedOutput(n) for n in ("MASK", "LESIONS")])
+    return request_ensemble(client, protocol, photos, outputs=("MASK", "LESIONS"))
 
 
 def reports_and_masks(result) -> tuple[list[dict], list[bytes]]:
@@ -141,7 +132,7 @@ def test_bad_photos_mixed_with_a_good_one_each_get_their_reason(triton_server, s
     errors = error_inputs()
     photos = [sample_bytes[0]] + [data for data, _ in errors.values()]
     assert len(photos) <= 16
-    reports, masks = reports_and_masks(infer(client_for(triton_server, "http"), "http", photos))
+    reports, masks = reports_and_masks(infer(make_client(triton_server, "http"), "http", photos))
     assert reports[0]["status"] == "ok" and mask_shape(masks[0]) == (2848, 4288)
     for i, (kind, (_, reason)) in enumerate(errors.items(), start=1):
         assert reports[i]["status"] == "error", kind
@@ -153,7 +144,7 @@ def test_bad_photos_mixed_with_a_good_one_each_get_their_reason(triton_server, s
 def test_unusual_encodings_are_processed_and_exif_is_reported_not_applied(triton_server):
     inputs = processed_inputs()
     photos = [data for data, _ in inputs.values()] + [b"not a photo"]
-    reports, masks = reports_and_masks(infer(client_for(triton_server, "grpc"), "grpc", photos))
+    reports, masks = reports_and_masks(infer(make_client(triton_server, "grpc"), "grpc", photos))
     for i, (kind, (data, orientation)) in enumerate(inputs.items()):
         assert reports[i]["status"] == "ok", (kind, reports[i])
         # The mask follows the stored pixels (800x600), whatever the EXIF orientation says.
@@ -166,7 +157,7 @@ def test_unusual_encodings_are_processed_and_exif_is_reported_not_applied(triton
 
 def test_request_of_only_bad_photos_is_refused_naming_each(triton_server):
     oversize = b"\xff\xd8\xff" + bytes(MAX_BYTES - 2)  # one byte over the per-photo limit
-    client = client_for(triton_server, "grpc")
+    client = make_client(triton_server, "grpc")
     with pytest.raises(InferenceServerException) as err:
         infer(client, "grpc", [oversize, b""])
     message = str(err.value)
@@ -186,7 +177,7 @@ def _raw_http(server, body: bytes, headers: dict | None = None) -> tuple[int, st
 
 
 def test_malformed_requests_are_refused_and_the_server_keeps_serving(triton_server, sample_bytes):
-    client = client_for(triton_server, "grpc")
+    client = make_client(triton_server, "grpc")
 
     def refused(inputs, pattern):
         with pytest.raises(InferenceServerException, match=pattern):
@@ -242,7 +233,7 @@ def test_repository_trace_and_logging_apis_need_the_admin_key(triton_server):
         assert _admin_request(triton_server, path, None, body) != 200, path
         assert _admin_request(triton_server, path, "wrong-key", body) != 200, path
     assert _admin_request(triton_server, "/v2/logging", triton_server.admin_key, None) == 200
-    grpc = client_for(triton_server, "grpc")
+    grpc = make_client(triton_server, "grpc")
     with pytest.raises(InferenceServerException):
         grpc.load_model("postprocess")
     # With the key, a reload goes through and the service keeps serving.
@@ -418,7 +409,7 @@ def test_model_updates_bad_versions_are_refused_good_ones_served_without_failure
             assert served_versions() == {"4"}
             assert kill_stub.wait_serving(load, 30)
             records = load.since(t0)
-        result = infer(client_for(server, "grpc"), "grpc", [small_photo()])
+        result = infer(make_client(server, "grpc"), "grpc", [small_photo()])
         assert json.loads(result.as_numpy("LESIONS")[0, 0])["model"]["version"] == "4"
         assert http.is_model_ready(ENSEMBLE)
     failures = [r for r in records if not r.ok]

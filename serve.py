@@ -46,7 +46,7 @@ import urllib.request
 from pathlib import Path
 
 from serving.supervisor import (ADMIN_HEADER, ENSEMBLE, Admin, Supervisor, default_max_request_bytes, drain, log,
-                                python_stubs, ready_versions, remove_shm)
+                                python_stubs, ready_versions, reload_lost, remove_shm)
 
 REPO_ROOT = Path(__file__).resolve().parent
 # trace and logging settings take file paths: no client may set them.
@@ -161,8 +161,7 @@ def pin_version(admin: Admin, model: str, version: int) -> str | None:
     config = admin.config(model)
     config["version_policy"] = {"specific": {"versions": [version]}}
     status, message = admin.load(model, config)
-    for name in sorted(set(before) - set(ready_versions(admin.index()))):
-        admin.load(name)  # e.g. the ensemble, if the reload took it down
+    reload_lost(admin, before)  # e.g. the ensemble, if the reload took it down
     return None if status == 200 else f"HTTP {status}: {message[:300]}"
 
 

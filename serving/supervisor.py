@@ -240,6 +240,14 @@ def ready_versions(index: list[dict]) -> dict[str, set[str]]:
     return out
 
 
+def reload_lost(admin: Admin, before: dict[str, set[str]]) -> None:
+    """Load again any model that was READY before a reload and is not now (e.g. the ensemble)."""
+    now = ready_versions(admin.index())
+    for model in sorted(set(before) - set(now)):
+        status, message = admin.load(model)
+        log(f"model '{model}' was no longer ready after a reload; loading it: HTTP {status} {message[:300]}")
+
+
 def instance_count(config: dict) -> int | None:
     """Stub processes a loaded Python-backend model version runs; None for other backends (no stubs)."""
     if config.get("backend") != "python":
@@ -332,7 +340,7 @@ class Supervisor(threading.Thread):
         config.setdefault("parameters", {})["serve_py_restart"] = {"string_value": str(time.time_ns())}
         status, message = self.admin.load(model, config)
         self.instances.clear()
-        self.ensure_ready(ready)
+        reload_lost(self.admin, ready)
         self.forget_dead_stubs(model)
         elapsed = time.monotonic() - start
         self.restarts.append({"model": model, "status": status, "seconds": round(elapsed, 2)})
@@ -353,13 +361,6 @@ class Supervisor(threading.Thread):
                 del self.known_stubs[pid]
             elif not os.path.exists(f"/dev/shm/{stub.shm_region}"):  # ended normally: Triton removed it
                 del self.known_stubs[pid]
-
-    def ensure_ready(self, before: dict[str, set[str]]) -> None:
-        """Load again any model that was READY before a reload and is not now (e.g. the ensemble)."""
-        now = ready_versions(self.admin.index())
-        for model in sorted(set(before) - set(now)):
-            status, message = self.admin.load(model)
-            log(f"model '{model}' was no longer ready after a reload; loading it: HTTP {status} {message[:300]}")
 
     # ------------------------------------------------------------------------------------- updates
 
@@ -432,7 +433,7 @@ class Supervisor(threading.Thread):
                     self.refused[(model, int(version))] = (fp.versions[int(version)], entry["reason"][:300])
             log(f"update: Triton refused model '{model}' (HTTP {status}): {message[:500]}; still serving "
                 f"version(s) {', '.join(sorted(ready_versions(self.admin.index()).get(model, ()))) or 'none'}")
-        self.ensure_ready(before)
+        reload_lost(self.admin, before)
         self.loaded[model] = fp
 
 

@@ -70,7 +70,8 @@ class Jobs:
         env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-m", module, *args, "--no-progress"]
         print(f"[sweep] start {name}: {' '.join(cmd)}", flush=True)
-        self.running[name] = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+        with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+            self.running[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
     def wait(self, names: list[str]) -> dict[str, int]:
         codes = {}

@@ -195,7 +195,7 @@ def check_repository_dims(repo: Path, working_size: int) -> dict | None:
 
 
 def preprocessed(photo: Path, working_size: int):
-    from preprocess_backend import PreprocessConfig, preprocess
+    from fundus_hemorrhage.preprocessing import PreprocessConfig, preprocess
     return preprocess(Path(photo).read_bytes(), PreprocessConfig(working_size=working_size))
 
 
@@ -489,7 +489,7 @@ def latency_ms(onnx_path: Path, working_size: int, threads: int = 2, runs: int =
 
 def evaluate_onnx(onnx_path: Path, manifest: Path, split: str, threshold: float, working_size: int,
                   threads: int = 2) -> dict:
-    from preprocess_backend import PreprocessConfig
+    from fundus_hemorrhage.preprocessing import PreprocessConfig
     from training.evaluate import evaluate, onnx_predictor
     return evaluate(onnx_predictor(onnx_path, threads), manifest, split, threshold,
                     PreprocessConfig(working_size=working_size), progress=False)

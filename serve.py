@@ -45,7 +45,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from serving.supervisor import (ADMIN_HEADER, ENSEMBLE, Admin, Supervisor, default_max_request_bytes, drain, log,
+from fundus_hemorrhage.serving.supervisor import (ADMIN_HEADER, ENSEMBLE, Admin, Supervisor, default_max_request_bytes, drain, log,
                                 python_stubs, ready_versions, reload_lost, remove_shm)
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -129,7 +129,6 @@ def server_env(extra_libs: list[str], max_request_bytes: int | None = None) -> d
     # The stub embeds libpython: use the one of the interpreter running us (and so our venv's packages).
     libs = [sysconfig.get_config_var("LIBDIR") or "", *extra_libs, env.get("LD_LIBRARY_PATH", "")]
     env["LD_LIBRARY_PATH"] = ":".join(p for p in libs if p)
-    env["PYTHONPATH"] = ":".join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     if max_request_bytes:
         env[MAX_REQUEST_ENV] = str(max_request_bytes)

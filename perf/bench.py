@@ -161,7 +161,7 @@ def ort_session(onnx_path: Path, threads: int):
 
 
 def preprocessed_batch(photos, batch: int) -> np.ndarray:
-    from preprocess_backend import PreprocessConfig, preprocess
+    from fundus_hemorrhage.preprocessing import PreprocessConfig, preprocess
 
     config = PreprocessConfig()
     return np.stack([preprocess(photos[i % len(photos)][1], config).pixels for i in range(batch)])
@@ -189,7 +189,7 @@ class Pipeline:
     def __init__(self, onnx_path: Path, threads: int, threshold: float, version: str, session=None,
                  with_probability: bool = False):
         from postprocess_backend import PostprocessConfig
-        from preprocess_backend import PreprocessConfig
+        from fundus_hemorrhage.preprocessing import PreprocessConfig
 
         self.session = session or ort_session(onnx_path, threads)
         self.input_name = self.session.get_inputs()[0].name
@@ -200,7 +200,7 @@ class Pipeline:
 
     def __call__(self, batch: list[bytes]) -> tuple[int, int]:
         from postprocess_backend import postprocess
-        from preprocess_backend import preprocess
+        from fundus_hemorrhage.preprocessing import preprocess
 
         pre = [preprocess(data, self.pre_config) for data in batch]
         probability = self.session.run(None, {self.input_name: np.stack([p.pixels for p in pre])})[0]

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from postprocess_backend import PostprocessConfig, postprocess  # noqa: E402
-from preprocess_backend import ImageError, PreprocessConfig, preprocess  # noqa: E402
+from fundus_hemorrhage.preprocessing import ImageError, PreprocessConfig, preprocess  # noqa: E402
 from training.model import SegmentationExport, build_model  # noqa: E402
 
 MODEL_NAME, MODEL_VERSION = "unet-torch-eager", "fastapi-baseline"

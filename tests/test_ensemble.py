@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from postprocess_backend import threshold_level
+from fundus_hemorrhage.postprocessing import threshold_level
 from tests.conftest import ENSEMBLE, REPO_ROOT, infer, make_client, start_server, stop_server
 from tests.fundus import encode, synthetic_fundus
 

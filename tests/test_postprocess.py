@@ -1,4 +1,4 @@
-"""Unit tests of postprocess_backend, and the geometry round trip preprocess -> postprocess."""
+"""Unit tests of fundus_hemorrhage.postprocessing (and png, report), and the geometry round trip preprocess -> postprocess."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import cv2
 import numpy as np
 import pytest
 
-from postprocess_backend import (
-    PostprocessConfig, encode_png, error_report, find_lesions, min_lesion_area, original_fov_mask, postprocess,
-    probability_to_original, threshold_level,
-)
-from preprocess_backend import Geometry, preprocess, to_working
+from fundus_hemorrhage.geometry import Geometry
+from fundus_hemorrhage.png import encode_png
+from fundus_hemorrhage.postprocessing import (PostprocessConfig, find_lesions, min_lesion_area, original_fov_mask,
+                                              postprocess, probability_to_original, threshold_level)
+from fundus_hemorrhage.preprocessing import preprocess, to_working
+from fundus_hemorrhage.report import error_report
 from tests.conftest import REPO_ROOT, SAMPLE_PHOTOS
 from tests.fundus import encode, synthetic_fundus
 
@@ -47,7 +48,7 @@ def test_geometry_round_trip_on_real_photo(photo):
     for x, y, r in blobs:
         cv2.circle(truth, (x, y), r, 255, -1)
     working = to_working(truth, g, S).astype(np.float32) / 255.0  # what a perfect model would output
-    result = postprocess(working[None], g, PostprocessConfig(threshold=0.5))
+    result = postprocess(working[None], g, 0.5, 1)
     mask = _decode(result.mask_png)
     assert mask.shape == (g.height, g.width)
     inter = np.count_nonzero((mask > 0) & (truth > 0))
@@ -63,13 +64,13 @@ def test_geometry_round_trip_on_real_photo(photo):
 def test_probability_map_is_round_255p_inside_the_fov_only():
     g = _geometry()
     prob = np.full((1, S, S), 0.8, np.float32)
-    result = postprocess(prob, g, PostprocessConfig(), with_probability=True)
+    result = postprocess(prob, g, 0.5, 1, with_probability=True)
     p8 = _decode(result.probability_png)
     assert p8.shape == (800, 1000) and p8.dtype == np.uint8
     fov = original_fov_mask(g)
     assert set(np.unique(p8[fov > 0])) == {204}  # round(255 * 0.8)
     assert p8[fov == 0].max() == 0
-    assert postprocess(prob, g, PostprocessConfig()).probability_png == b""
+    assert postprocess(prob, g, 0.5, 1).probability_png == b""
 
 
 def test_specks_are_removed_and_lesions_reported():
@@ -78,7 +79,7 @@ def test_specks_are_removed_and_lesions_reported():
     prob[300:320, 300:330] = 0.9  # a lesion, top-left of the centre
     prob[400:410, 350:355] = 0.6  # another, lower right, weaker
     prob[100, 320] = 0.99  # a one-pixel speck: below the minimum area
-    result = postprocess(prob[None], g, PostprocessConfig(threshold=0.5))
+    result = postprocess(prob[None], g, 0.5, 1)
     report = json.loads(json.dumps(result.report))  # JSON-serialisable
     assert report["schema_version"] == "1.0" and report["status"] == "ok"
     assert report["totals"]["count"] == 2
@@ -105,7 +106,7 @@ def test_nothing_outside_the_field_of_view():
 
 def test_empty_prediction_gives_an_empty_mask_and_report():
     g = _geometry()
-    result = postprocess(np.zeros((1, S, S), np.float32), g, PostprocessConfig())
+    result = postprocess(np.zeros((1, S, S), np.float32), g, 0.5, 1)
     assert _decode(result.mask_png).max() == 0
     assert result.report["lesions"] == [] and result.report["totals"]["count"] == 0
 
@@ -119,7 +120,7 @@ def test_synthetic_photo_round_trip_through_both_backends():
     img, truth = synthetic_fundus(1200, 900, blobs=[(500, 400, 40), (800, 600, 25)])
     pre = preprocess(encode(img, ".png"))
     working = to_working(truth, pre.geometry, S).astype(np.float32) / 255.0
-    mask = _decode(postprocess(working[None], pre.geometry, PostprocessConfig()).mask_png)
+    mask = _decode(postprocess(working[None], pre.geometry, 0.5, 1).mask_png)
     assert mask.shape == truth.shape
     inter, union = np.count_nonzero((mask > 0) & (truth > 0)), np.count_nonzero((mask > 0) | (truth > 0))
     assert inter / union > 0.85

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocess_backend import Geometry, ImageError, PreprocessConfig, find_field_of_view, preprocess
-from preprocess_backend.preprocessing import decode_reduction
+from fundus_hemorrhage.preprocessing import Geometry, ImageError, PreprocessConfig, find_field_of_view, preprocess
+from fundus_hemorrhage.preprocessing import decode_reduction
 from tests.conftest import SAMPLE_PHOTOS
 from tests.fundus import encode, synthetic_fundus
 

@@ -419,7 +419,7 @@ def test_model_updates_bad_versions_are_refused_good_ones_served_without_failure
 # ------------------------------------------------------------------------------- units (no server needed)
 
 def test_invalid_exif_orientation_is_ignored_and_benign_jpeg_warnings_are_accepted():
-    from preprocess_backend import preprocess
+    from fundus_hemorrhage.preprocessing import preprocess
     fundus, _ = synthetic_fundus(800, 600)
     exif = Image.Exif()
     exif[0x0112] = 9  # not an orientation

@@ -244,7 +244,7 @@ def test_pretrain_moco_checkpoint(moco_checkpoint, data):
 
 
 def test_two_views_overlap_and_stay_inside_fov(data):
-    from preprocess_backend import PreprocessConfig
+    from fundus_hemorrhage.preprocessing import PreprocessConfig
     from training.data import load_unlabeled
 
     photos = load_unlabeled(data["unlabeled"], PreprocessConfig(working_size=128), data["cache"])

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from preprocess_backend import PreprocessConfig, decode, preprocess_decoded, to_working, working_fov_mask
+from fundus_hemorrhage.preprocessing import PreprocessConfig, decode, preprocess_decoded, to_working, working_fov_mask
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint or an ONNX model at full resolution, exactly along the serving path.
 
-Each photo: bytes -> preprocess_backend.preprocess -> model -> postprocess_backend (probability at the
-original size, threshold, speck removal) -> scored against the full-size mask inside the FOV.
+Each photo: bytes -> fundus_hemorrhage.pipeline's preprocess and model steps -> fundus_hemorrhage.postprocessing
+(probability at the original size, threshold, speck removal) -> scored against the full-size mask inside the FOV.
 
     python -m training.evaluate --checkpoint runs/supervised/best.pt [--split val] [--threshold 0.5]
     python -m training.evaluate --onnx model_repository/unet/1/model.onnx
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -19,51 +18,53 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from postprocess_backend import (PostprocessConfig, find_lesions, min_lesion_area, original_fov_mask,
-                                 probability_to_original)
-from preprocess_backend import PreprocessConfig, preprocess
+from fundus_hemorrhage import contract as c
+from fundus_hemorrhage.onnx_session import SERVING_THREADS
+from fundus_hemorrhage.pipeline import Model, Pipeline, onnx_model, with_identity
+from fundus_hemorrhage.postprocessing import (PostprocessConfig, find_lesions, min_lesion_area, original_fov_mask,
+                                              probability_to_original)
+from fundus_hemorrhage.preprocessing import ImageError, PreprocessConfig
 
 from .common import DEFAULT_DATA, load_checkpoint
 from .data import read_manifest
 from .metrics import SegmentationScores
 from .model import build_model
 
-Predictor = Callable[[np.ndarray], np.ndarray]  # [N, 3, S, S] float32 -> [N, 1, S, S] probabilities
 
-
-def torch_predictor(model: torch.nn.Module, device: torch.device | str = "cpu") -> Predictor:
+def torch_predictor(model: torch.nn.Module, device: torch.device | str = "cpu") -> Model:
+    """A training model (logits) as a pipeline `Model` (sigmoid probabilities; version 0, threshold 0.5)."""
     model = model.eval().to(device)
 
     @torch.no_grad()
-    def predict(pixels: np.ndarray) -> np.ndarray:
+    def probability(pixels: np.ndarray) -> np.ndarray:
         return torch.sigmoid(model(torch.from_numpy(pixels).to(device))).float().cpu().numpy()
 
-    return predict
+    return with_identity(probability, 0, 0.5)
 
 
-def onnx_predictor(path: Path, threads: int = 0) -> Predictor:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda pixels: session.run(None, {name: pixels})[0]
+def onnx_predictor(path: Path, threads: int = SERVING_THREADS) -> Model:
+    """An ONNX graph on the serving session options."""
+    return onnx_model(path, threads)
 
 
-def evaluate(predict: Predictor, manifest: Path, split: str = "val", threshold: float = 0.5,
+def evaluate(model: Model, manifest: Path, split: str = "val", threshold: float = 0.5,
              preprocess_config: PreprocessConfig = PreprocessConfig(), progress: bool = True) -> dict:
-    """Scores at full resolution; also the Dice-optimal threshold on this split (for threshold choice)."""
+    """Scores at full resolution at `threshold` (not the graph's own); also the Dice-optimal threshold on this
+    split (for threshold choice). Raises ImageError for a photo the service would refuse."""
     rows = [r for r in read_manifest(manifest) if r.split == split]
     post = PostprocessConfig(threshold=threshold)
+    pipeline = Pipeline(model, preprocess_config, threads=1)
     scores = SegmentationScores()
     for row in tqdm(rows, desc=f"eval {split}", disable=not progress, leave=False):
-        pre = preprocess(row.image.read_bytes(), preprocess_config)
-        prob = predict(pre.pixels[None])[0]
+        [pre] = pipeline.preprocess([row.image.read_bytes()])
+        if isinstance(pre, str):
+            raise ImageError(f"{row.image.name}: {pre}")
+        prob = pipeline.predict([pre])[c.PROBABILITY][0]
         prob8 = probability_to_original(prob, pre.geometry)
         mask, _ = find_lesions(prob, pre.geometry, post, min_lesion_area(pre.geometry, post, prob.shape[-1]))
         truth = cv2.imread(str(row.mask), cv2.IMREAD_GRAYSCALE)
         scores.add(prob8, truth > 127, original_fov_mask(pre.geometry), mask)
+    pipeline.close()
     best_threshold, best_dice = scores.best_threshold()
     return {**scores.summary(), "threshold": threshold, "split": split,
             "dice_optimal_threshold": round(best_threshold, 4), "dice_at_optimal_threshold": best_dice}

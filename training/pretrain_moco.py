@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from preprocess_backend import PreprocessConfig
+from fundus_hemorrhage.preprocessing import PreprocessConfig
 
 from .common import DEFAULT_DATA, REPO_ROOT, Distributed, json_safe, log_json, save_checkpoint, set_cpu_threads
 from .data import Example, augment, list_images, load_labelled, load_unlabeled, split_ids

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from preprocess_backend import PreprocessConfig
+from fundus_hemorrhage.preprocessing import PreprocessConfig
 
 from .common import DEFAULT_DATA, REPO_ROOT, load_checkpoint, save_checkpoint
 from .data import PatchDataset, load_labelled, load_unlabeled, split_ids

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess_backend import PreprocessConfig
+from fundus_hemorrhage.preprocessing import PreprocessConfig
 
 from .common import REPO_ROOT
 from .data import load_labelled, load_unlabeled

@@ -30,7 +30,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from preprocess_backend import PreprocessConfig
+from fundus_hemorrhage.preprocessing import PreprocessConfig
 
 from .common import (DEFAULT_DATA, REPO_ROOT, Distributed, json_safe, load_checkpoint, log_json, save_checkpoint,
                      set_cpu_threads)

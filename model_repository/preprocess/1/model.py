@@ -1,4 +1,4 @@
-"""Triton adapter for preprocess_backend: IMAGE [N, 1] bytes -> PIXELS, GEOMETRY, ERROR per photo.
+"""Triton adapter for fundus_hemorrhage.preprocessing: IMAGE [N, 1] bytes -> PIXELS, GEOMETRY, ERROR per photo.
 
 A photo that cannot be read gets zero PIXELS and its reason in ERROR, so that the others in the same
 request are still processed; a request in which no photo can be read fails with INVALID_ARG, and so does a
@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from preprocess_backend import Geometry, ImageError, PreprocessConfig, preprocess
+from fundus_hemorrhage import contract as c
+from fundus_hemorrhage.preprocessing import ImageError, PreprocessConfig, preprocess
 
 
 class TritonPythonModel:
@@ -21,7 +22,7 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         model_config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
-        pixels_config = pb_utils.get_output_config_by_name(model_config, "PIXELS")
+        pixels_config = pb_utils.get_output_config_by_name(model_config, c.PIXELS)
         self.working_size = int(pixels_config["dims"][-1])
         self.config = PreprocessConfig(
             working_size=self.working_size,
@@ -34,7 +35,7 @@ class TritonPythonModel:
         # then uses every core, not one.
         self.pool = ThreadPoolExecutor(int(params.get("threads", "2")))
         self.dtypes = {name: pb_utils.triton_string_to_numpy(
-            pb_utils.get_output_config_by_name(model_config, name)["data_type"]) for name in ("PIXELS", "GEOMETRY")}
+            pb_utils.get_output_config_by_name(model_config, name)["data_type"]) for name in (c.PIXELS, c.GEOMETRY)}
 
     def _one(self, index, data):
         """(pixels, geometry vector, error text) for one photo; never raises."""
@@ -49,12 +50,12 @@ class TritonPythonModel:
             self.logger.log_error(f"preprocess: unexpected failure on image {index}: {exc!r}")
             reason = f"could not be processed ({type(exc).__name__})"
         zeros = np.zeros((3, self.working_size, self.working_size), np.float32)
-        return zeros, np.zeros(Geometry.VECTOR_LENGTH), f"image {index}: {reason}"
+        return zeros, np.zeros(c.GEOMETRY_LENGTH), f"image {index}: {reason}"
 
     def execute(self, requests):
         responses = []
         for request in requests:
-            images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
+            images = pb_utils.get_input_tensor_by_name(request, c.IMAGE).as_numpy().reshape(-1)
             total = sum(len(data) for data in images if isinstance(data, bytes))
             if total > self.max_request_bytes:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
@@ -67,9 +68,9 @@ class TritonPythonModel:
                     error=pb_utils.TritonError("; ".join(errors), pb_utils.TritonError.INVALID_ARG)))
                 continue
             responses.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor("PIXELS", np.stack(pixels).astype(self.dtypes["PIXELS"], copy=False)),
-                pb_utils.Tensor("GEOMETRY", np.stack(geometry).astype(self.dtypes["GEOMETRY"], copy=False)),
-                pb_utils.Tensor("ERROR", np.array(errors, dtype=np.object_).reshape(-1, 1)),
+                pb_utils.Tensor(c.PIXELS, np.stack(pixels).astype(self.dtypes[c.PIXELS], copy=False)),
+                pb_utils.Tensor(c.GEOMETRY, np.stack(geometry).astype(self.dtypes[c.GEOMETRY], copy=False)),
+                pb_utils.Tensor(c.ERROR, np.array(errors, dtype=np.object_).reshape(-1, 1)),
             ]))
         return responses
 

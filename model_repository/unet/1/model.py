@@ -1,2 +1,2 @@
-# This version runs model.onnx (beside this file) on ONNX Runtime; the logic is shared by all versions.
-from onnxruntime_model import TritonPythonModel  # noqa: F401
+# This version runs model.onnx (beside this file) on ONNX Runtime; the adapter is the installed package's.
+from fundus_hemorrhage.onnxruntime_unet import TritonPythonModel  # noqa: F401

@@ -23,6 +23,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from .contract import WORKING_SIZE
+from .geometry import Geometry
+
 SUPPORTED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP")
 
 # PIL refuses images over 2x this; our own pixel guard (PreprocessConfig.max_pixels) runs first anyway.
@@ -35,7 +38,7 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    working_size: int = 640
+    working_size: int = WORKING_SIZE
     max_bytes: int = 64 * 2**20  # one encoded photo
     max_pixels: int = 60_000_000  # decompression-bomb guard, checked from the header before decoding
     min_side: int = 128
@@ -45,55 +48,6 @@ class PreprocessConfig:
     min_fov_fraction: float = 0.05
     # Standard deviation of the (blurred, 8-bit) brightness inside the FOV below which the photo is blank.
     min_fov_texture: float = 1.0
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Where the working grid sits on the original photo, in original pixels.
-
-    Working pixel centre (u, v) maps to original (square_x0 + (u + 0.5) * s - 0.5, ...), s = square_side / S.
-    The FOV is the disc (fov_cx, fov_cy, fov_radius) clipped to the box fov_bbox.
-    """
-
-    width: int
-    height: int
-    square_x0: float
-    square_y0: float
-    square_side: float
-    fov_cx: float
-    fov_cy: float
-    fov_radius: float
-    fov_x0: float
-    fov_y0: float
-    fov_x1: float
-    fov_y1: float
-    fov_area: float  # pixels of the detected FOV, at original resolution
-    exif_orientation: int = 1
-
-    VECTOR_LENGTH = 14
-
-    def to_vector(self) -> np.ndarray:
-        return np.array(
-            [self.width, self.height, self.square_x0, self.square_y0, self.square_side, self.fov_cx,
-             self.fov_cy, self.fov_radius, self.fov_x0, self.fov_y0, self.fov_x1, self.fov_y1, self.fov_area,
-             self.exif_orientation],
-            dtype=np.float64,
-        )
-
-    @classmethod
-    def from_vector(cls, v: np.ndarray) -> "Geometry":
-        v = np.asarray(v, dtype=np.float64).reshape(-1)
-        if v.size != cls.VECTOR_LENGTH:
-            raise ValueError(f"geometry vector has {v.size} values, expected {cls.VECTOR_LENGTH}")
-        return cls(int(v[0]), int(v[1]), *map(float, v[2:13]), exif_orientation=int(v[13]))
-
-    def working_to_original(self, working_size: int) -> np.ndarray:
-        """2x3 affine matrix taking working-grid coordinates to original-photo coordinates."""
-        s = self.square_side / working_size
-        return np.array([[s, 0.0, self.square_x0 + 0.5 * s - 0.5], [0.0, s, self.square_y0 + 0.5 * s - 0.5]])
-
-    def original_to_working(self, working_size: int) -> np.ndarray:
-        return cv2.invertAffineTransform(self.working_to_original(working_size))
 
 
 @dataclass(frozen=True)

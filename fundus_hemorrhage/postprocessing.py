@@ -6,21 +6,16 @@ PROBABILITY output carries, so the mask is exactly `probability >= ceil(255 * th
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
-import struct
-import zlib
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from preprocess_backend import Geometry
-
-REPORT_SCHEMA_VERSION = "1.0"
-QUADRANTS = ("upper_left", "upper_right", "lower_left", "lower_right")
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+from .geometry import Geometry
+from .png import encode_png
+from .report import lesion_report
 
 
 @dataclass(frozen=True)
@@ -181,113 +176,6 @@ def find_lesions(probability: np.ndarray, geometry: Geometry, config: Postproces
     return mask, lesions
 
 
-def quadrant_of(x: float, y: float, geometry: Geometry) -> str:
-    """Quadrant of the FOV as the photo is stored (image axes: up is row 0), split at the FOV centre."""
-    return ("upper_" if y < geometry.fov_cy else "lower_") + ("left" if x < geometry.fov_cx else "right")
-
-
-def lesion_report(lesions: list[Lesion], geometry: Geometry, config: PostprocessConfig, model_name: str,
-                  model_version: str, min_area: int) -> dict:
-    fov_area = max(1.0, geometry.fov_area)
-    quadrants = {q: {"count": 0, "area_px": 0} for q in QUADRANTS}
-    entries = []
-    for i, les in enumerate(lesions):
-        quadrant = quadrant_of(les.cx, les.cy, geometry)
-        quadrants[quadrant]["count"] += 1
-        quadrants[quadrant]["area_px"] += les.area
-        entries.append({
-            "id": i + 1,
-            "bbox": {"x": les.x, "y": les.y, "width": les.width, "height": les.height},
-            "centroid": {"x": round(les.cx, 1), "y": round(les.cy, 1)},
-            "area_px": les.area,
-            "area_fov_fraction": round(les.area / fov_area, 7),
-            "mean_probability": round(les.mean_probability, 4),
-            "max_probability": round(les.max_probability, 4),
-            "quadrant": quadrant,
-        })
-    total_area = int(sum(les.area for les in lesions))
-    for q in quadrants.values():
-        q["area_fov_fraction"] = round(q["area_px"] / fov_area, 7)
-    return {
-        "schema_version": REPORT_SCHEMA_VERSION,
-        "status": "ok",
-        "image": {"width": geometry.width, "height": geometry.height, "exif_orientation": geometry.exif_orientation},
-        "field_of_view": {
-            "center": {"x": round(geometry.fov_cx, 1), "y": round(geometry.fov_cy, 1)},
-            "radius": round(geometry.fov_radius, 1),
-            "bbox": {"x": round(geometry.fov_x0), "y": round(geometry.fov_y0),
-                     "width": round(geometry.fov_x1 - geometry.fov_x0),
-                     "height": round(geometry.fov_y1 - geometry.fov_y0)},
-            "area_px": int(round(geometry.fov_area)),
-        },
-        "model": {"name": model_name, "version": str(model_version)},
-        "threshold": config.threshold,
-        "min_lesion_area_px": min_area,
-        "lesions": entries,
-        "totals": {"count": len(entries), "area_px": total_area, "area_fov_fraction": round(total_area / fov_area, 7)},
-        "quadrants": quadrants,
-    }
-
-
-def error_report(index: int, reason: str) -> dict:
-    return {"schema_version": REPORT_SCHEMA_VERSION, "status": "error", "image_index": index, "error": reason}
-
-
-def encode_png(gray: np.ndarray) -> bytes:
-    """8-bit greyscale PNG (filter 'none', deflate level 1), in time proportional to its non-zero rows.
-
-    A mask is almost all zeros. The zlib stream is built from independent, byte-aligned deflate segments
-    (each ends with a full flush): runs of all-zero rows reuse one cached segment per 64 rows, and the
-    Adler-32 of a zero run is updated arithmetically. A 12-megapixel mask costs a few ms instead of ~25 ms
-    for zlib over all of it (and 50-130 ms for OpenCV's encoder), for a file of about the same size.
-    """
-    h, w = gray.shape
-    gray = np.ascontiguousarray(gray, dtype=np.uint8)
-    row_bytes = w + 1  # filter byte + pixels
-    nonzero = gray.any(axis=1)
-    parts, adler_a, adler_b = [], 1, 0
-    row = 0
-    while row < h:
-        end = row + 1
-        while end < h and nonzero[end] == nonzero[row]:
-            end += 1
-        n = end - row
-        if nonzero[row]:
-            raw = np.zeros((n, row_bytes), dtype=np.uint8)
-            raw[:, 1:] = gray[row:end]
-            adler = zlib.adler32(raw, (adler_b << 16) | adler_a)
-            adler_a, adler_b = adler & 0xFFFF, adler >> 16
-            parts.append(_deflate_segment(raw))
-        else:
-            chunks, rest = divmod(n, _ZERO_CHUNK_ROWS)
-            parts += [_zero_rows_segment(w, _ZERO_CHUNK_ROWS)] * chunks
-            if rest:
-                parts.append(_zero_rows_segment(w, rest))
-            adler_b = (adler_b + n * row_bytes * adler_a) % 65521  # zeros leave the sum A unchanged
-        row = end
-    idat = b"".join([b"\x78\x01", *parts, b"\x03\x00", struct.pack(">I", (adler_b << 16) | adler_a)])
-    return b"".join([_PNG_SIGNATURE, _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)),
-                     _png_chunk(b"IDAT", idat), _png_chunk(b"IEND", b"")])
-
-
-_ZERO_CHUNK_ROWS = 64
-
-
-def _deflate_segment(data) -> bytes:
-    """Raw deflate blocks, not final, ending byte-aligned with no reference to earlier data (full flush)."""
-    deflate = zlib.compressobj(1, zlib.DEFLATED, -15)
-    return deflate.compress(data) + deflate.flush(zlib.Z_FULL_FLUSH)
-
-
-@functools.lru_cache(maxsize=256)
-def _zero_rows_segment(width: int, rows: int) -> bytes:
-    return _deflate_segment(bytes(rows * (width + 1)))
-
-
-def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(payload, zlib.crc32(kind)))
-
-
 @dataclass
 class PostprocessResult:
     mask_png: bytes
@@ -295,10 +183,13 @@ class PostprocessResult:
     probability_png: bytes  # b"" unless asked for
 
 
-def postprocess(probability: np.ndarray, geometry: Geometry, config: PostprocessConfig, model_name: str = "unet",
-                model_version: str = "", with_probability: bool = False) -> PostprocessResult:
+def postprocess(probability: np.ndarray, geometry: Geometry, threshold: float, model_version: str,
+                config: PostprocessConfig = PostprocessConfig(), with_probability: bool = False) -> PostprocessResult:
+    """One photo: PROBABILITY [1, S, S] (or [S, S]) on the working grid, thresholded at the producing version's
+    `threshold` -> mask PNG at the original size, report, and the probability PNG if asked (else b"")."""
+    config = dataclasses.replace(config, threshold=float(threshold))
     min_area = min_lesion_area(geometry, config, np.shape(probability)[-1])
     mask, lesions = find_lesions(probability, geometry, config, min_area)
-    report = lesion_report(lesions, geometry, config, model_name, model_version, min_area)
+    report = lesion_report(lesions, geometry, config, str(model_version), min_area)
     probability_png = encode_png(probability_to_original(probability, geometry)) if with_probability else b""
     return PostprocessResult(encode_png(mask), report, probability_png)

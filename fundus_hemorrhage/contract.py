@@ -1,0 +1,47 @@
+"""The service's contract: model and tensor names, batch limit, working size, report schema. Defined here only.
+
+The model repository's config.pbtxt files are generated from these (`python -m fundus_hemorrhage.model_config
+--write`; a test checks that the committed files match), and the Triton adapters, the client, training and
+build_engines import them.
+
+    client --IMAGE [N,1] bytes--> ENSEMBLE
+      preprocess   IMAGE -> PIXELS [N,3,S,S] fp32, GEOMETRY [N,GEOMETRY_LENGTH] fp64, ERROR [N,1] bytes
+      unet         PIXELS -> PROBABILITY [N,1,S,S] fp32, THRESHOLD [N,1] fp32, MODEL_VERSION [N,1] int32
+      postprocess  PROBABILITY, THRESHOLD, MODEL_VERSION, GEOMETRY, ERROR -> MASK, LESIONS, PROBABILITY_PNG
+    <--MASK [N,1] PNG bytes, LESIONS [N,1] JSON bytes, PROBABILITY [N,1] PNG bytes (b"" unless asked)--
+
+THRESHOLD and MODEL_VERSION are constants baked into each unet version's graph (build_engines), so the report
+names the version that produced its probabilities and uses that version's threshold, whichever is served.
+"""
+
+from __future__ import annotations
+
+from .geometry import GEOMETRY_LENGTH
+
+ENSEMBLE = "hemorrhage_segmentation"
+PREPROCESS = "preprocess"
+SEGMENTATION_MODEL = "unet"
+POSTPROCESS = "postprocess"
+
+MAX_BATCH_SIZE = 16  # photos per request, and the unet's largest dynamic batch
+WORKING_SIZE = 640  # side of the square working grid, pixels
+
+# Ensemble inputs and outputs.
+IMAGE = "IMAGE"
+MASK = "MASK"
+LESIONS = "LESIONS"
+PROBABILITY = "PROBABILITY"
+# Between the steps.
+PIXELS = "PIXELS"
+GEOMETRY = "GEOMETRY"
+ERROR = "ERROR"
+THRESHOLD = "THRESHOLD"
+MODEL_VERSION = "MODEL_VERSION"
+PROBABILITY_PNG = "PROBABILITY_PNG"
+
+# Request parameter: also return PROBABILITY (round(255 p) as a PNG at the photo's size).
+PROBABILITY_PARAMETER = "probability"
+
+REPORT_SCHEMA_VERSION = "1.0"
+
+__all__ = [name for name in dir() if name.isupper()] + ["GEOMETRY_LENGTH"]

@@ -1,0 +1,60 @@
+"""The lesion report (JSON) of one photo: schema `contract.REPORT_SCHEMA_VERSION`, documented in the README."""
+
+from __future__ import annotations
+
+from .contract import REPORT_SCHEMA_VERSION, SEGMENTATION_MODEL
+from .geometry import Geometry
+
+QUADRANTS = ("upper_left", "upper_right", "lower_left", "lower_right")
+
+
+def quadrant_of(x: float, y: float, geometry: Geometry) -> str:
+    """Quadrant of the FOV as the photo is stored (image axes: up is row 0), split at the FOV centre."""
+    return ("upper_" if y < geometry.fov_cy else "lower_") + ("left" if x < geometry.fov_cx else "right")
+
+
+def lesion_report(lesions: list, geometry: Geometry, config, model_version: str, min_area: int) -> dict:
+    """Report of one photo from its `postprocessing.Lesion`s (original pixels) and the `PostprocessConfig` used."""
+    fov_area = max(1.0, geometry.fov_area)
+    quadrants = {q: {"count": 0, "area_px": 0} for q in QUADRANTS}
+    entries = []
+    for i, les in enumerate(lesions):
+        quadrant = quadrant_of(les.cx, les.cy, geometry)
+        quadrants[quadrant]["count"] += 1
+        quadrants[quadrant]["area_px"] += les.area
+        entries.append({
+            "id": i + 1,
+            "bbox": {"x": les.x, "y": les.y, "width": les.width, "height": les.height},
+            "centroid": {"x": round(les.cx, 1), "y": round(les.cy, 1)},
+            "area_px": les.area,
+            "area_fov_fraction": round(les.area / fov_area, 7),
+            "mean_probability": round(les.mean_probability, 4),
+            "max_probability": round(les.max_probability, 4),
+            "quadrant": quadrant,
+        })
+    total_area = int(sum(les.area for les in lesions))
+    for q in quadrants.values():
+        q["area_fov_fraction"] = round(q["area_px"] / fov_area, 7)
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "status": "ok",
+        "image": {"width": geometry.width, "height": geometry.height, "exif_orientation": geometry.exif_orientation},
+        "field_of_view": {
+            "center": {"x": round(geometry.fov_cx, 1), "y": round(geometry.fov_cy, 1)},
+            "radius": round(geometry.fov_radius, 1),
+            "bbox": {"x": round(geometry.fov_x0), "y": round(geometry.fov_y0),
+                     "width": round(geometry.fov_x1 - geometry.fov_x0),
+                     "height": round(geometry.fov_y1 - geometry.fov_y0)},
+            "area_px": int(round(geometry.fov_area)),
+        },
+        "model": {"name": SEGMENTATION_MODEL, "version": str(model_version)},
+        "threshold": round(config.threshold, 6),  # float32 in the graph: 0.1725 arrives as 0.17249999
+        "min_lesion_area_px": min_area,
+        "lesions": entries,
+        "totals": {"count": len(entries), "area_px": total_area, "area_fov_fraction": round(total_area / fov_area, 7)},
+        "quadrants": quadrants,
+    }
+
+
+def error_report(index: int, reason: str) -> dict:
+    return {"schema_version": REPORT_SCHEMA_VERSION, "status": "error", "image_index": index, "error": reason}

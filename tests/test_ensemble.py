@@ -17,6 +17,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from fundus_hemorrhage.engines.identity import write_with_identity
 from fundus_hemorrhage.postprocessing import threshold_level
 from tests.conftest import ENSEMBLE, REPO_ROOT, infer, make_client, start_server, stop_server
 from tests.fundus import encode, synthetic_fundus
@@ -198,7 +199,10 @@ def test_a_chosen_unet_version_is_served(tmp_path, sample_bytes):
     repository = tmp_path / "model_repository"
     shutil.copytree(REPO_ROOT / "model_repository", repository, ignore=shutil.ignore_patterns("__pycache__"))
     newest = max(int(d.name) for d in (repository / "unet").iterdir() if d.name.isdigit())
-    shutil.copytree(repository / "unet" / str(newest), repository / "unet" / str(newest + 1))
+    copy = repository / "unet" / str(newest + 1)
+    shutil.copytree(repository / "unet" / str(newest), copy)
+    threshold = json.loads((copy / "model.json").read_text())["threshold"]
+    write_with_identity(copy / "model.onnx", copy / "model.onnx", newest + 1, threshold)  # a version names itself
     versions = {}
     for pinned in (None, newest):
         server = start_server(tmp_path, repository, extra_args=("--unet-version", str(pinned)) if pinned else ())

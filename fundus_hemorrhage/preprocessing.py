@@ -11,12 +11,6 @@ step can place the probability map at the photo's own resolution.
 from __future__ import annotations
 
 import io
-import os
-import re
-import sys
-import tempfile
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import cv2
@@ -25,6 +19,7 @@ from PIL import Image
 
 from .contract import WORKING_SIZE
 from .geometry import Geometry
+from .jpeg import CorruptScanData, decode_bgr, decode_reduction
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP")
 
@@ -101,67 +96,6 @@ def _check_complete(data: bytes, fmt: str) -> None:
         raise ImageError("truncated PNG: the IEND chunk is missing")
 
 
-# libjpeg reports damaged entropy-coded (scan) data only as warnings on stderr and carries on, filling the
-# damage with grey or noise; OpenCV does not pass them on. These warnings mean the pixels are not the photo's.
-# Others ("N extraneous bytes before marker", "bad ICC marker", unknown JFIF revision) are harmless and ignored.
-_JPEG_DAMAGE_WARNINGS = ("bad Huffman code", "bad arithmetic code", "premature end of data segment",
-                         "Premature end of JPEG file", "instead of RST", "Invalid SOS parameters",
-                         "Inconsistent progression sequence")
-# A few stray bytes before a marker are common and harmless; kilobytes of them mean the scan data is not what it
-# claims to be.
-_EXTRANEOUS = re.compile(r"(\d+) extraneous bytes before marker")
-_STDERR_LOCK = threading.Lock()
-
-
-@contextmanager
-def _captured_stderr():
-    """Capture what native code writes to file descriptor 2 (libjpeg's warnings); yields a list that receives it.
-
-    Process-wide, so serialised by a lock; whatever else was written meanwhile is passed on to stderr.
-    """
-    with _STDERR_LOCK, tempfile.TemporaryFile() as sink:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        captured: list[str] = []
-        try:
-            os.dup2(sink.fileno(), 2)
-            yield captured
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            captured.append(sink.read(65536).decode("utf-8", "replace"))
-
-
-def _imdecode_jpeg(buf: np.ndarray, flags: int) -> np.ndarray | None:
-    with _captured_stderr() as captured:
-        bgr = cv2.imdecode(buf, flags)
-    damage, others = [], []
-    for line in (captured[0] if captured else "").splitlines():
-        extraneous = _EXTRANEOUS.search(line)
-        if any(w in line for w in _JPEG_DAMAGE_WARNINGS) or (extraneous and int(extraneous.group(1)) > 4096):
-            damage.append(line.strip().removeprefix("Corrupt JPEG data: ").rstrip("."))
-        elif line.strip():
-            others.append(line + "\n")
-    if others:
-        sys.stderr.write("".join(others))
-    if damage:
-        raise ImageError(f"corrupt JPEG data: {damage[0]} (the scan data is damaged)")
-    return bgr
-
-
-def decode_reduction(width: int, height: int, working_size: int) -> int:
-    """Largest JPEG DCT scaling (1, 2, 4 or 8) that still leaves the short side >= the working size."""
-    for factor in (8, 4, 2):
-        if min(width, height) / factor >= working_size:
-            return factor
-    return 1
-
-
-_REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-                  8: cv2.IMREAD_REDUCED_COLOR_8}
-
-
 def decode(data: bytes, config: PreprocessConfig) -> tuple[np.ndarray, float, tuple[str, int, int, int]]:
     """BGR uint8 pixels (possibly reduced), the reduction factor actually applied, and the header.
 
@@ -171,10 +105,13 @@ def decode(data: bytes, config: PreprocessConfig) -> tuple[np.ndarray, float, tu
     header = read_header(data, config)
     fmt, width, height, _ = header
     _check_complete(data, fmt)
-    factor = decode_reduction(width, height, config.working_size) if fmt == "JPEG" else 1
-    buf = np.frombuffer(data, dtype=np.uint8)
-    flags = _REDUCED_FLAGS[factor] | cv2.IMREAD_IGNORE_ORIENTATION
-    bgr = _imdecode_jpeg(buf, flags) if fmt == "JPEG" else cv2.imdecode(buf, flags)
+    if fmt == "JPEG":  # decoded at a reduced scale by the IDCT itself (libjpeg DCT scaling): 1/4 for IDRiD
+        try:
+            bgr = decode_bgr(data, width, height, decode_reduction(width, height, config.working_size))
+        except CorruptScanData as exc:  # libjpeg would fill the damage with grey and carry on
+            raise ImageError(f"corrupt JPEG data: {exc} (the scan data is damaged)") from None
+    else:
+        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None:
         raise ImageError(f"corrupt {fmt} data: the decoder could not read the pixels")
     if bgr.dtype != np.uint8:  # defensive: IMREAD_COLOR always yields 8-bit today

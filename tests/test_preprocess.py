@@ -1,10 +1,12 @@
-"""Unit tests of preprocess_backend, without Triton."""
+"""Unit tests of fundus_hemorrhage.preprocessing and .jpeg, without Triton."""
 
 from __future__ import annotations
 
 import io
 import struct
+import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 from PIL import Image
 
 from fundus_hemorrhage.preprocessing import Geometry, ImageError, PreprocessConfig, find_field_of_view, preprocess
-from fundus_hemorrhage.preprocessing import decode_reduction
+from fundus_hemorrhage.preprocessing import decode, decode_reduction
 from tests.conftest import SAMPLE_PHOTOS
 from tests.fundus import encode, synthetic_fundus
 
@@ -136,3 +138,196 @@ def test_jpeg_decode_reduction_keeps_at_least_the_working_size():
     assert decode_reduction(4288, 2848, 640) == 4
     assert decode_reduction(999, 960, 640) == 1
     assert decode_reduction(8000, 6000, 640) == 8
+
+
+# ------------------------------------------------------------------------------------ JPEG scan damage
+# Every JPEG row of docs/reliability.md at unit level: refused (4, 6, 7, 9 and the damage warnings) or processed with
+# OpenCV's pixels (15, 16, 22 and the harmless warnings).
+
+def _jpeg(width: int = 900, height: int = 700, params: list[int] | None = None) -> bytes:
+    return encode(synthetic_fundus(width, height)[0], ".jpg", params)
+
+
+def _pil_jpeg(mode: str = "RGB", **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(cv2.cvtColor(synthetic_fundus(900, 700)[0], cv2.COLOR_BGR2RGB)).convert(mode).save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def _scan_start(data: bytes) -> int:
+    """Offset just past the first SOS header: where the entropy-coded data begins."""
+    sos = data.find(b"\xff\xda")
+    return sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
+
+
+def _garbage_scan() -> bytes:
+    """Row 6 (as tests/test_reliability.py builds it): a valid header, random scan data without 0xFF, the end marker."""
+    data = _jpeg()
+    scan = _scan_start(data)
+    garbage = np.random.default_rng(0).integers(0, 256, len(data) - scan, dtype=np.uint8).tobytes()
+    return data[:scan] + garbage.replace(b"\xff", b"\x00") + b"\xff\xd9"
+
+
+def _bad_huffman_table() -> bytes:
+    """The first Huffman table's symbols moved to 16-bit codes: the scan's codes are no longer valid."""
+    data = bytearray(_jpeg())
+    counts = slice(data.find(b"\xff\xc4") + 5, data.find(b"\xff\xc4") + 21)
+    data[counts] = bytes(15) + bytes([sum(data[counts])])
+    return bytes(data)
+
+
+def _scan_cut_short() -> bytes:
+    data = _jpeg()
+    return data[:(_scan_start(data) + len(data)) // 2] + b"\xff\xd9"
+
+
+def _progressive_cut() -> bytes:
+    """A progressive JPEG cut 200 bytes into its second scan, the end marker put back."""
+    data = _jpeg(params=[cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    second = data.find(b"\xff\xda", data.find(b"\xff\xda") + 2)
+    return data[:second + 200] + b"\xff\xd9"
+
+
+def _wrong_restart_marker() -> bytes:
+    data = _jpeg(params=[cv2.IMWRITE_JPEG_RST_INTERVAL, 4])
+    i = data.find(b"\xff\xd5", _scan_start(data))
+    return data[:i] + b"\xff\xd6" + data[i + 2:]
+
+
+def _stray_bytes_before(marker: bytes, count: int, fill: bytes = b"\x00") -> bytes:
+    data = _jpeg()
+    i = data.rfind(marker) if marker == b"\xff\xd9" else data.find(marker)
+    return data[:i] + fill * count + data[i:]
+
+
+def _bomb() -> bytes:
+    data = _jpeg()
+    sof = data.find(b"\xff\xc0")
+    return data[:sof + 5] + struct.pack(">HH", 50000, 50000) + data[sof + 9:]
+
+
+CORRUPT_JPEGS = {
+    "garbage scan data (row 6)": (_garbage_scan, "corrupt JPEG data: 22748 extraneous bytes before marker 0xd9"),
+    "bad Huffman code": (_bad_huffman_table, "corrupt JPEG data: bad Huffman code"),
+    "scan cut short, end marker kept": (_scan_cut_short, "corrupt JPEG data: premature end of data segment"),
+    "progressive, a later scan cut": (_progressive_cut, "corrupt JPEG data: premature end of data segment"),
+    "wrong restart marker": (_wrong_restart_marker, "corrupt JPEG data: found marker 0xd6 instead of RST5"),
+    "5000 stray bytes before the end marker": (lambda: _stray_bytes_before(b"\xff\xd9", 5000),
+                                               "corrupt JPEG data: 4997 extraneous bytes before marker 0xd9"),
+    "truncated (row 4)": (lambda: _jpeg()[:len(_jpeg()) // 2], "truncated JPEG: the end-of-image marker is missing"),
+    "header only (row 7)": (lambda: _jpeg()[:_scan_start(_jpeg())], "truncated JPEG"),
+    "bomb 50000x50000 (row 9)": (_bomb, "image is 50000x50000 = 2500000000 pixels, over the limit of 60000000"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPT_JPEGS)
+def test_corrupt_jpegs_are_refused_with_the_reason(case):
+    make, reason = CORRUPT_JPEGS[case]
+    with pytest.raises(ImageError, match=reason) as refused:
+        preprocess(make())
+    if reason.startswith("corrupt JPEG data"):
+        assert str(refused.value).endswith("(the scan data is damaged)")
+
+
+def _jfif_revision_3() -> bytes:
+    data = bytearray(_jpeg())
+    data[data.find(b"JFIF\x00") + 5] = 3  # "Warning: unknown JFIF revision number 3.01"
+    return bytes(data)
+
+
+def _exif_rotated() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _pil_jpeg(exif=exif)
+
+
+# Readable JPEGs, each with exactly the pixels of the OpenCV decode the shipped model was trained on; the last four
+# carry a harmless first libjpeg warning.
+GOOD_JPEGS = {
+    "baseline 4:2:0": _jpeg,
+    "progressive": lambda: _jpeg(params=[cv2.IMWRITE_JPEG_PROGRESSIVE, 1]),
+    "restart interval": lambda: _jpeg(params=[cv2.IMWRITE_JPEG_RST_INTERVAL, 4]),
+    "4:4:4": lambda: _pil_jpeg(subsampling=0, quality=90),
+    "4:2:2": lambda: _pil_jpeg(subsampling=1, quality=90),
+    "grayscale (row 11)": lambda: _pil_jpeg("L"),
+    "CMYK (row 15)": lambda: _pil_jpeg("CMYK"),
+    "EXIF-rotated (row 16)": _exif_rotated,
+    "decoded at 1/2 (2600x2000)": lambda: _jpeg(2600, 2000),
+    "bytes after the end marker (row 22)": lambda: _jpeg() + b"trailing bytes" * 100,
+    "2 stray bytes before the end marker": lambda: _stray_bytes_before(b"\xff\xd9", 2),
+    "10 stray bytes before the scan header": lambda: _stray_bytes_before(b"\xff\xda", 10, b"\x01"),
+    "unknown JFIF revision": _jfif_revision_3,
+    "bad ICC marker": lambda: _jpeg()[:2] + b"\xff\xe2\x00\x14ICC_PROFILE\x00\x05\x02abcd" + _jpeg()[2:],
+}
+
+
+def _opencv_decode(data: bytes) -> np.ndarray:
+    """The decode of the former implementation (cv2.imdecode at the reduced scale), which the model was trained on."""
+    width, height = Image.open(io.BytesIO(data)).size
+    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+             8: cv2.IMREAD_REDUCED_COLOR_8}[decode_reduction(width, height, CONFIG.working_size)]
+    return cv2.imdecode(np.frombuffer(data, np.uint8), flags | cv2.IMREAD_IGNORE_ORIENTATION)
+
+
+@pytest.mark.parametrize("case", GOOD_JPEGS)
+def test_readable_jpegs_decode_to_the_pixels_opencv_gave(case):
+    data = GOOD_JPEGS[case]()
+    bgr, scale, (_, width, _, _) = decode(data, CONFIG)
+    assert np.array_equal(bgr, _opencv_decode(data))
+    assert scale == width / bgr.shape[1]
+    assert preprocess(data).geometry.width == width
+
+
+@pytest.mark.parametrize("photo", SAMPLE_PHOTOS, ids=lambda p: p.name)
+def test_sample_photos_decode_at_quarter_scale_to_the_pixels_opencv_gave(photo):
+    data = photo.read_bytes()
+    bgr, scale, _ = decode(data, CONFIG)
+    assert bgr.shape == (712, 1072, 3) and scale == 4.0  # 4288x2848 through libjpeg's 1/4 DCT scaling
+    assert np.array_equal(bgr, _opencv_decode(data))
+
+
+def _decode_or_refusal(data: bytes) -> np.ndarray | ImageError:
+    try:
+        return decode(data, CONFIG)[0]
+    except ImageError as exc:
+        return exc
+
+
+def _decode_concurrently(queues: list[list[bytes]], rounds: int = 4) -> list[list[np.ndarray | ImageError]]:
+    """One thread per queue, released together, each decoding its queue `rounds` times over; results per queue."""
+    start = threading.Barrier(len(queues))
+
+    def work(queue: list[bytes]) -> list[np.ndarray | ImageError]:
+        start.wait()
+        return [_decode_or_refusal(data) for _ in range(rounds) for data in queue]
+
+    with ThreadPoolExecutor(len(queues)) as pool:
+        return list(pool.map(work, queues))
+
+
+def _same(got: np.ndarray | ImageError, want: np.ndarray) -> bool:
+    return isinstance(got, np.ndarray) and np.array_equal(got, want)
+
+
+def test_two_threads_decoding_at_once_both_get_their_own_photo():
+    photos = [p.read_bytes() for p in SAMPLE_PHOTOS[:2]]
+    expected = [_opencv_decode(d) for d in photos]
+    first, second = _decode_concurrently([[photos[0]], [photos[1]]])
+    assert all(_same(got, expected[0]) for got in first)
+    assert all(_same(got, expected[1]) for got in second)
+
+
+def test_a_damaged_photo_decoded_alongside_good_ones_is_refused_and_the_good_ones_pass():
+    good = [p.read_bytes() for p in SAMPLE_PHOTOS] + [_jpeg()]
+    expected = [_opencv_decode(d) for d in good]
+    damaged = [_bad_huffman_table(), _garbage_scan(), _scan_cut_short()]
+    mixed = [damaged[0], good[0], damaged[1], good[3], damaged[2]]  # one thread: damaged and good in turn
+    mixed_expected = [None, expected[0], None, expected[3], None]  # None: refused
+    mixed_results, good_results = _decode_concurrently([mixed, good])  # the other: good photos only
+    for i, got in enumerate(mixed_results):
+        want = mixed_expected[i % len(mixed)]
+        if want is None:
+            assert isinstance(got, ImageError) and "corrupt JPEG data" in str(got)
+        else:
+            assert _same(got, want)
+    assert all(_same(got, expected[i % len(good)]) for i, got in enumerate(good_results))

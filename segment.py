@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Find haemorrhages in retinal fundus photographs with the hemorrhage_segmentation service (Triton).
+"""Find haemorrhages in retinal fundus photographs with the segmentation service (the Triton ensemble).
+
+The command line of fundus_hemorrhage.client.
 
     python segment.py PATH [PATH ...] --output DIR [--url HOST:PORT] [--protocol grpc|http]
                       [--batch-size 8] [--probability] [--concurrency 2] [--timeout S]
@@ -29,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import threading
 import time
@@ -42,10 +43,10 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # keep grpc's C-core log lines 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-MODEL = "hemorrhage_segmentation"
+from fundus_hemorrhage import client as service  # noqa: E402
+from fundus_hemorrhage.contract import MAX_BATCH_SIZE  # noqa: E402
+
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
-DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
-MAX_BATCH = 16  # the ensemble's max_batch_size
 OUTLINE_BGR = (255, 255, 0)  # cyan: stands out on the red-orange fundus
 _PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 1]
 
@@ -62,7 +63,8 @@ class Photo:
 
 
 @dataclass
-class PhotoResult:
+class PhotoOutput:
+    """What the run made of one photo: the service's answer and the files written (or why there are none)."""
     photo: Photo
     ok: bool
     report: dict
@@ -125,116 +127,14 @@ def output_names(paths: list[Path]) -> list[str]:
     return names
 
 
-# ----------------------------------------------------------------------------------------------- client
+# ----------------------------------------------------------------------------------------------- requests
 
-def normalise_url(url: str | None, protocol: str) -> str:
-    if not url:
-        return f"127.0.0.1:{DEFAULT_PORTS[protocol]}"
-    return re.sub(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", "", url).rstrip("/")
-
-
-def client_module(protocol: str):
-    if protocol == "grpc":
-        import tritonclient.grpc as module
-    else:
-        import tritonclient.http as module
-    return module
-
-
-def make_client(url: str, protocol: str = "grpc", timeout: float = 300.0):
-    """A tritonclient InferenceServerClient (not shared between threads)."""
-    module = client_module(protocol)
-    if protocol == "grpc":
-        return module.InferenceServerClient(url=url)
-    return module.InferenceServerClient(url=url, connection_timeout=min(timeout, 10.0), network_timeout=timeout)
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def check_server(client, protocol: str, url: str, timeout: float = 10.0) -> None:
-    """UsageError with a one-line reason unless the server is live and the model ready."""
-    kwargs = {"client_timeout": timeout} if protocol == "grpc" else {}
-    try:
-        live = client.is_server_live(**kwargs)
-    except Exception as exc:  # connection refused, DNS, TLS, timeout: all mean "not reachable"
-        raise UsageError(f"cannot reach Triton at {url} over {protocol}: {error_text(exc)}") from None
-    if not live:
-        raise UsageError(f"Triton at {url} ({protocol}) is not live")
-    try:
-        ready = client.is_model_ready(MODEL, **kwargs)
-    except Exception as exc:
-        raise UsageError(f"cannot ask Triton at {url} about model {MODEL!r}: {error_text(exc)}") from None
-    if not ready:
-        raise UsageError(f"Triton at {url} ({protocol}) is up but model {MODEL!r} is not ready")
-
-
-def error_text(exc: BaseException) -> str:
-    """The server's reason for a failed call, without transport prefixes; one line."""
-    message = exc.message() if callable(getattr(exc, "message", None)) else None
-    text = message or str(exc) or type(exc).__name__
-    text = one_line(text)
-    if "failed to connect to all addresses" in text or "Connection refused" in text:
-        return "connection refused"
-    return text
-
-
-def photo_reason(text: str) -> str:
-    """'in ensemble 'x', image 0: not an image file' -> 'not an image file'."""
-    text = re.sub(r"^in ensemble '[^']*', ", "", text)
-    return re.sub(r"^image \d+: ", "", text)
-
-
-def server_unavailable(exc: BaseException) -> bool:
-    """True when the failure is the server being gone, so retrying photo by photo is pointless."""
-    status = getattr(exc, "status", None)
-    status = status() if callable(status) else status
-    if status is not None and "UNAVAILABLE" in str(status):
-        return True
-    return isinstance(exc, ConnectionError)
-
-
-def segment_batch(client, protocol: str, images: list[bytes], probability: bool = False,
-                  timeout: float | None = None) -> list[tuple[bytes, dict, bytes]]:
-    """One request: (MASK bytes, LESIONS report, PROBABILITY bytes) per image. Raises if the request fails."""
-    module = client_module(protocol)
-    data = np.empty((len(images), 1), dtype=np.object_)
-    data[:, 0] = images
-    inp = module.InferInput("IMAGE", [len(images), 1], "BYTES")
-    inp.set_data_from_numpy(data)
-    names = ["MASK", "LESIONS"] + (["PROBABILITY"] if probability else [])
-    outputs = [module.InferRequestedOutput(n) for n in names]
-    kwargs = {"parameters": {"probability": True}} if probability else {}
-    if protocol == "grpc" and timeout:
-        kwargs["client_timeout"] = timeout
-    result = client.infer(MODEL, [inp], outputs=outputs, **kwargs)
-    masks = result.as_numpy("MASK").reshape(-1)
-    reports = result.as_numpy("LESIONS").reshape(-1)
-    probs = result.as_numpy("PROBABILITY").reshape(-1) if probability else [b""] * len(images)
-    if not (len(masks) == len(reports) == len(probs) == len(images)):
-        raise RuntimeError(f"malformed reply: {len(masks)} masks, {len(reports)} reports for {len(images)} photos")
-    out = []
-    for mask, report, prob in zip(masks, reports, probs):
-        try:
-            parsed = json.loads(report)
-        except (TypeError, ValueError):
-            parsed = {"status": "error", "error": "malformed lesion report from the server"}
-        out.append((bytes(mask), parsed, bytes(prob)))
-    return out
-
-
-def client_error_report(reason: str) -> dict:
-    return {"schema_version": "1.0", "status": "error", "error": reason}
-
-
-def failed(photo: Photo, reason: str, seconds: float = 0.0, report: dict | None = None) -> PhotoResult:
-    return PhotoResult(photo, False, report or client_error_report(reason), error=reason, seconds=seconds)
+def failed(photo: Photo, reason: str, seconds: float = 0.0, report: dict | None = None) -> PhotoOutput:
+    return PhotoOutput(photo, False, report or service.error_report(reason), error=reason, seconds=seconds)
 
 
 def process_batch(client, protocol: str, photos: list[Photo], probability: bool, timeout: float,
-                  output: Path) -> list[PhotoResult]:
+                  output: Path) -> list[PhotoOutput]:
     """Segment `photos` in one request (retried photo by photo if refused) and write their outputs."""
     readable, images, results = [], [], []
     for photo in photos:
@@ -243,34 +143,18 @@ def process_batch(client, protocol: str, photos: list[Photo], probability: bool,
             readable.append(photo)
         except OSError as exc:
             results.append(finish_one(failed(photo, f"cannot read the file: {exc.strerror or exc}"), output))
-    if not readable:
-        return results
-    start = time.monotonic()
-    try:
-        outcomes = segment_batch(client, protocol, images, probability, timeout)
-    except Exception as exc:
-        if len(readable) > 1 and not server_unavailable(exc):
-            for photo in readable:
-                results.extend(process_batch(client, protocol, [photo], probability, timeout, output))
-            return results
-        reason = photo_reason(error_text(exc)) if len(readable) == 1 else f"request failed: {error_text(exc)}"
-        share = (time.monotonic() - start) / len(readable)
-        results.extend(finish_one(failed(p, reason, share), output) for p in readable)
-        return results
-    share = (time.monotonic() - start) / len(readable)
-    for photo, data, (mask, report, prob) in zip(readable, images, outcomes):
-        if report.get("status") != "ok":
-            reason = photo_reason(str(report.get("error") or "the server reported an error"))
-            results.append(finish_one(failed(photo, reason, share, report), output))
-        elif not mask:
-            results.append(finish_one(failed(photo, "the server returned no mask", share, report), output))
+    answers = service.segment(client, protocol, images, probability, timeout)
+    for photo, data, answer in zip(readable, images, answers):
+        if answer.ok:
+            done = PhotoOutput(photo, True, answer.report, answer.mask_png, answer.probability_png,
+                               seconds=answer.seconds)
+            results.append(finish_one(done, output, data))
         else:
-            result = PhotoResult(photo, True, report, mask, prob, seconds=share)
-            results.append(finish_one(result, output, data))
+            results.append(finish_one(failed(photo, answer.error, answer.seconds, answer.report), output))
     return results
 
 
-def finish_one(result: PhotoResult, output: Path, photo_bytes: bytes | None = None) -> PhotoResult:
+def finish_one(result: PhotoOutput, output: Path, photo_bytes: bytes | None = None) -> PhotoOutput:
     start = time.monotonic()
     try:
         write_outputs(result, output, photo_bytes)
@@ -299,7 +183,7 @@ def write_file(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
-def write_outputs(result: PhotoResult, output: Path, photo_bytes: bytes | None = None) -> None:
+def write_outputs(result: PhotoOutput, output: Path, photo_bytes: bytes | None = None) -> None:
     """Mask, overlay, report (and probability) of one photo; for a failure the error report only."""
     paths = output_paths(output, result.photo.name)
     report = dict(result.report, source=str(result.photo.path))
@@ -360,7 +244,7 @@ def draw_overlay(photo_bytes: bytes, mask_png: bytes, colour: tuple[int, int, in
 
 # ----------------------------------------------------------------------------------------------- summary
 
-def summary_table(results: list[PhotoResult]):
+def summary_table(results: list[PhotoOutput]):
     from rich.table import Table
 
     table = Table(title="Haemorrhage segmentation", show_lines=False)
@@ -403,19 +287,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Triton address (default 127.0.0.1:8001 for grpc, 127.0.0.1:8000 for http)")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="default: grpc")
     p.add_argument("--batch-size", type=int, default=8, metavar="N",
-                   help=f"photos per request, 1..{MAX_BATCH} (default 8)")
+                   help=f"photos per request, 1..{MAX_BATCH_SIZE} (default 8)")
     p.add_argument("--probability", action="store_true", help="also write <stem>_probability.png")
     p.add_argument("--concurrency", type=int, default=2, metavar="N", help="requests in flight (default 2)")
     p.add_argument("--timeout", type=float, default=300.0, metavar="S",
                    help="seconds to wait for one request (default 300)")
     args = p.parse_args(argv)
-    if not 1 <= args.batch_size <= MAX_BATCH:
-        p.error(f"--batch-size must be between 1 and {MAX_BATCH}")
+    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
+        p.error(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}")
     if args.concurrency < 1:
         p.error("--concurrency must be at least 1")
     if not args.timeout > 0:
         p.error("--timeout must be positive")
-    args.url = normalise_url(args.url, args.protocol)
+    args.url = service.normalise_url(args.url, args.protocol)
     return args
 
 
@@ -437,27 +321,28 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         return usage_error(f"cannot create the output folder {args.output}: {exc.strerror or exc}")
     try:
-        check_server(make_client(args.url, args.protocol, args.timeout), args.protocol, args.url,
-                     min(args.timeout, 10.0))
-    except UsageError as exc:
+        probe = service.make_client(args.url, args.protocol, args.timeout)
+        service.check_server(probe, args.protocol, args.url, min(args.timeout, 10.0))
+    except service.ServerNotReady as exc:
         return usage_error(str(exc))
     except Exception as exc:  # e.g. a malformed --url rejected by the client library
-        return usage_error(f"cannot connect to Triton at {args.url} over {args.protocol}: {error_text(exc)}")
+        reason = service.error_text(exc)
+        return usage_error(f"cannot connect to Triton at {args.url} over {args.protocol}: {reason}")
 
     local = threading.local()
 
-    def run(batch: list[Photo]) -> list[PhotoResult]:
+    def run(batch: list[Photo]) -> list[PhotoOutput]:
         if getattr(local, "client", None) is None:
-            local.client = make_client(args.url, args.protocol, args.timeout)
+            local.client = service.make_client(args.url, args.protocol, args.timeout)
         try:
             return process_batch(local.client, args.protocol, batch, args.probability, args.timeout, args.output)
         except Exception as exc:  # a bug must not lose the rest of the run
-            return [failed(p, f"internal error: {error_text(exc)}") for p in batch]
+            return [failed(p, f"internal error: {service.error_text(exc)}") for p in batch]
 
     from tqdm import tqdm
 
     batches = [photos[i:i + args.batch_size] for i in range(0, len(photos), args.batch_size)]
-    results: list[PhotoResult] = []
+    results: list[PhotoOutput] = []
     pool = ThreadPoolExecutor(max_workers=min(args.concurrency, len(batches)))
     try:
         with tqdm(total=len(photos), unit="photo", desc="Segmenting", dynamic_ncols=True) as bar:

@@ -1,16 +1,16 @@
-"""Shared helpers for the perf tools: photos, request building, response checks, Triton start/stop, statistics."""
+"""Shared helpers for the perf tools: photos, request building, response checks, the served version, Triton
+start/stop, machine facts."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -18,31 +18,31 @@ from pathlib import Path
 
 import numpy as np
 
+from fundus_hemorrhage.contract import ENSEMBLE, SEGMENTATION_MODEL  # noqa: F401  (ENSEMBLE: for the perf tools)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ENSEMBLE = "hemorrhage_segmentation"
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
-SHARED_PHOTOS = Path("/work/shared/data/idrid_he/images")
-SAMPLE_PHOTOS = REPO_ROOT / "samples"
+CHECKPOINTS = REPO_ROOT / "checkpoints"
+SAMPLE_PHOTOS = REPO_ROOT / "samples"  # three IDRiD photos; pass --photos for a real set
 DEFAULT_GLOB = "*.jpg"
-# FastAPI baseline weights: the real checkpoint once training has written it, else the smoke one.
-CHECKPOINT_CANDIDATES = (REPO_ROOT / "runs" / "supervised" / "last.pt", Path("/tmp/run_smoke/last.pt"))
 
 
-def default_photos_dir() -> Path:
-    """The full-size IDRiD photos when present, else the repo's samples/."""
-    return SHARED_PHOTOS if SHARED_PHOTOS.is_dir() and any(SHARED_PHOTOS.glob(DEFAULT_GLOB)) else SAMPLE_PHOTOS
-
-
-def default_checkpoint() -> Path:
-    for path in CHECKPOINT_CANDIDATES:
-        if path.exists():
-            return path
-    return CHECKPOINT_CANDIDATES[0]
+def relative(path: str | Path | None) -> str | None:
+    """`path` as results record it: relative to the repository (e.g. "../shared/data/..." beside it), or
+    "<tmp>/..." inside the system's temporary folder, so that no machine's absolute path gets committed."""
+    if path is None:
+        return None
+    resolved = Path(path).resolve()
+    tmp = Path(tempfile.gettempdir()).resolve()
+    if resolved.is_relative_to(tmp):
+        return (Path("<tmp>") / resolved.relative_to(tmp)).as_posix()
+    return Path(os.path.relpath(resolved, REPO_ROOT)).as_posix()
 
 
 def load_photos(folder: str | Path | None = None, pattern: str = DEFAULT_GLOB) -> list[tuple[str, bytes]]:
-    """(file name, bytes) of every photo in `folder` matching `pattern`, sorted by name."""
-    folder = Path(folder) if folder else default_photos_dir()
+    """(file name, bytes) of every photo in `folder` (default: the repository's samples/) matching `pattern`,
+    sorted by name."""
+    folder = Path(folder) if folder else SAMPLE_PHOTOS
     paths = sorted(p for p in folder.glob(pattern) if p.is_file())
     if not paths:
         raise SystemExit(f"no photos matching {pattern!r} in {folder}")
@@ -87,8 +87,9 @@ def check_outputs(lesions: np.ndarray | None, masks: np.ndarray | None, expected
     return int(sum(len(x) for x in lesions) + sum(len(x) for x in masks))
 
 
-def served_version(model_repository: Path = MODEL_REPOSITORY, model: str = "unet") -> tuple[Path, dict]:
-    """The newest version folder of `model` and its model.json (threshold, provenance)."""
+def served_version(model_repository: Path = MODEL_REPOSITORY,
+                   model: str = SEGMENTATION_MODEL) -> tuple[Path, dict]:
+    """The newest version folder of `model` holding a model.onnx, and its model.json (threshold, checkpoint)."""
     versions = sorted((int(d.name) for d in (model_repository / model).iterdir() if d.name.isdigit()), reverse=True)
     for v in versions:
         folder = model_repository / model / str(v)
@@ -99,32 +100,12 @@ def served_version(model_repository: Path = MODEL_REPOSITORY, model: str = "unet
     raise SystemExit(f"no {model}/<version>/model.onnx under {model_repository}")
 
 
-def config_parameter(config_pbtxt: Path, key: str) -> str | None:
-    """A `parameters { key: ... string_value: ... }` value from a config.pbtxt (regex, good enough here)."""
-    m = re.search(r'key:\s*"' + re.escape(key) + r'"\s*,?\s*value:\s*\{\s*string_value:\s*"([^"]*)"',
-                  config_pbtxt.read_text())
-    return m.group(1) if m else None
-
-
-# ---------------------------------------------------------------------------------------------- statistics
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (what perf_analyzer reports); NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def latency_summary_ms(latencies_s: list[float]) -> dict:
-    ms = [x * 1000.0 for x in latencies_s]
-    return {
-        "count": len(ms),
-        "mean": (sum(ms) / len(ms)) if ms else float("nan"),
-        "p50": percentile(ms, 50), "p90": percentile(ms, 90), "p95": percentile(ms, 95), "p99": percentile(ms, 99),
-        "max": max(ms) if ms else float("nan"),
-    }
+def served_checkpoint(meta: dict, checkpoints: Path = CHECKPOINTS) -> Path:
+    """The training checkpoint a version was built from: its model.json's "checkpoint", under checkpoints/."""
+    name = meta.get("checkpoint")
+    if not name:
+        raise SystemExit("the served version's model.json names no checkpoint: pass --checkpoint")
+    return checkpoints / name
 
 
 # ------------------------------------------------------------------------------------------- Triton server
@@ -203,13 +184,14 @@ def start_triton(log_path: Path, model_repository: Path = MODEL_REPOSITORY, time
 @contextlib.contextmanager
 def local_triton(url: str | None, name: str):
     """(gRPC URL, tritonserver pid) of the server at `url` on this machine, or of a serve.py started for the
-    duration of the block (log: /tmp/NAME-PID.log)."""
+    duration of the block (its log: a new temporary folder NAME-*/, kept for a post-mortem)."""
     import psutil
 
     server = None
     if not url:
         print("starting serve.py ...", flush=True)
-        server = start_triton(Path("/tmp") / f"{name}-{os.getpid()}.log")
+        server = start_triton(Path(tempfile.mkdtemp(prefix=f"{name}-")) / "triton.log")
+        print(f"serve.py log: {server.log_path}", flush=True)
         url = server.grpc_url
     try:
         port = url.rsplit(":", 1)[1]

@@ -27,8 +27,7 @@ from pathlib import Path
 import psutil
 import tritonclient.grpc as grpcclient
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from perf.common import ENSEMBLE, image_tensor, load_photos, local_triton  # noqa: E402
+from perf.common import ENSEMBLE, image_tensor, load_photos, local_triton
 
 MODELS = ("preprocess", "unet", "postprocess")
 

@@ -1,7 +1,7 @@
-"""Locust load on the Triton ensemble `hemorrhage_segmentation` with real photographs, over gRPC and HTTP.
+"""Locust load on the Triton ensemble (contract.ENSEMBLE) with real photographs, over gRPC and HTTP.
 
     locust -f perf/locustfile.py --headless -u 4 -r 4 -t 40s --csv perf/results/locust \
-        --host http://127.0.0.1:8000 --grpc-url 127.0.0.1:8001 --photos /work/shared/data/idrid_he/images --batch 10
+        --host http://127.0.0.1:8000 --grpc-url 127.0.0.1:8001 --photos ../shared/data/idrid_he/images --batch 10
 
 Two user classes, equally weighted (pick one by naming it last on the command line, e.g. `... TritonGrpcUser`):
   TritonGrpcUser  tritonclient.grpc, one channel per user; fires locust request events itself
@@ -12,7 +12,7 @@ A request counts as failed unless it returns one `status: ok` report and one non
 Each user sends back-to-back (wait_time 0): `-u` is the number of concurrent clients (closed loop).
 
 Options (command line, or the environment variable in brackets):
-  --photos DIR      [PERF_PHOTOS]      photos folder (default: the IDRiD set in /work/shared, else samples/)
+  --photos DIR      [PERF_PHOTOS]      photos folder (default: the repository's samples/)
   --photo-glob PAT  [PERF_PHOTO_GLOB]  file pattern in that folder (default *.jpg)
   --batch N         [PERF_BATCH]       photos per request (default 10; the ensemble takes at most 16)
   --grpc-url H:P    [PERF_GRPC_URL]    Triton gRPC endpoint (default 127.0.0.1:8001)
@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
 import time
-from pathlib import Path
 
 # Locust has monkey-patched the standard library with gevent by now. grpcio's own threads and polling do not
 # cooperate with gevent unless told to: without this a blocking gRPC call stalls every other user in the process.
@@ -40,8 +38,10 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
 from locust import FastHttpUser, User, constant, events, task  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from perf.common import ENSEMBLE, DEFAULT_GLOB, PhotoCycle, check_outputs, image_tensor, load_photos  # noqa: E402
+from fundus_hemorrhage import client as service  # noqa: E402
+from fundus_hemorrhage.client import ALL_OUTPUTS  # noqa: E402
+from fundus_hemorrhage.contract import ENSEMBLE, LESIONS, MASK, MAX_BATCH_SIZE, PROBABILITY_PARAMETER  # noqa: E402
+from perf.common import DEFAULT_GLOB, PhotoCycle, check_outputs, load_photos  # noqa: E402
 
 log = logging.getLogger("perf.locustfile")
 PHOTOS: list[tuple[str, bytes]] = []
@@ -49,9 +49,9 @@ PHOTOS: list[tuple[str, bytes]] = []
 
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser):
-    group = parser.add_argument_group("hemorrhage_segmentation load")
+    group = parser.add_argument_group(f"{ENSEMBLE} load")
     group.add_argument("--photos", type=str, env_var="PERF_PHOTOS", default="",
-                       help="folder of photos to send (default: /work/shared/data/idrid_he/images, else samples/)")
+                       help="folder of photos to send (default: the repository's samples/)")
     group.add_argument("--photo-glob", type=str, env_var="PERF_PHOTO_GLOB", default=DEFAULT_GLOB,
                        help="file pattern inside --photos")
     group.add_argument("--batch", type=int, env_var="PERF_BATCH", default=10, help="photos per request")
@@ -67,8 +67,8 @@ def _load(environment, **_kwargs):
     if options is None:  # library use without a command line
         return
     PHOTOS[:] = load_photos(options.photos or None, options.photo_glob)
-    if not 1 <= options.batch <= 16:
-        raise SystemExit("--batch must be within 1..16 (the ensemble's max_batch_size)")
+    if not 1 <= options.batch <= MAX_BATCH_SIZE:
+        raise SystemExit(f"--batch must be within 1..{MAX_BATCH_SIZE} (the ensemble's max_batch_size)")
     log.info("%d photos, %d per request", len(PHOTOS), options.batch)
 
 
@@ -91,7 +91,7 @@ class _Photos:
     def _setup_photos(self):
         options = self.environment.parsed_options
         self.batch = options.batch
-        self.parameters = {"probability": True} if options.probability else None
+        self.parameters = {PROBABILITY_PARAMETER: True} if options.probability else None
         self.cycle = PhotoCycle(PHOTOS, self.batch, offset=random.randrange(len(PHOTOS)))
         self.payloads = {}
 
@@ -109,7 +109,7 @@ class TritonGrpcUser(_Photos, User):
     def on_start(self):
         self._setup_photos()
         self.client = grpcclient.InferenceServerClient(self.environment.parsed_options.grpc_url)
-        self.outputs = [grpcclient.InferRequestedOutput(n) for n in ("MASK", "LESIONS", "PROBABILITY")]
+        self.outputs = [grpcclient.InferRequestedOutput(n) for n in ALL_OUTPUTS]
 
     def on_stop(self):
         # Close and drop the client while gevent's hub is alive: tritonclient's __del__ closes the channel again,
@@ -119,9 +119,7 @@ class TritonGrpcUser(_Photos, User):
             client.close()
 
     def _build(self, batch):
-        image = grpcclient.InferInput("IMAGE", [len(batch), 1], "BYTES")
-        image.set_data_from_numpy(image_tensor(batch))
-        return image
+        return service.image_input("grpc", batch)
 
     @task
     def infer(self):
@@ -130,7 +128,7 @@ class TritonGrpcUser(_Photos, User):
         length, error = 0, None
         try:
             result = self.client.infer(ENSEMBLE, [image], outputs=self.outputs, parameters=self.parameters)
-            length = check_outputs(result.as_numpy("LESIONS"), result.as_numpy("MASK"), self.batch)
+            length = check_outputs(result.as_numpy(LESIONS), result.as_numpy(MASK), self.batch)
         except Exception as exc:  # noqa: BLE001 -- every failure is a failed request
             error = exc
         self.environment.events.request.fire(
@@ -149,9 +147,8 @@ class TritonHttpUser(_Photos, FastHttpUser):
         self.path = f"/v2/models/{ENSEMBLE}/infer"
 
     def _build(self, batch):
-        image = httpclient.InferInput("IMAGE", [len(batch), 1], "BYTES")
-        image.set_data_from_numpy(image_tensor(batch), binary_data=True)
-        outputs = [httpclient.InferRequestedOutput(n, binary_data=True) for n in ("MASK", "LESIONS", "PROBABILITY")]
+        image = service.image_input("http", batch)
+        outputs = [httpclient.InferRequestedOutput(n, binary_data=True) for n in ALL_OUTPUTS]
         body, json_size = httpclient.InferenceServerClient.generate_request_body(
             [image], outputs=outputs, parameters=self.parameters)
         headers = {"Content-Type": "application/octet-stream"}
@@ -171,6 +168,6 @@ class TritonHttpUser(_Photos, FastHttpUser):
                 header_length = response.headers.get("Inference-Header-Content-Length")
                 result = httpclient.InferenceServerClient.parse_response_body(
                     response.content, header_length=int(header_length) if header_length else None)
-                check_outputs(result.as_numpy("LESIONS"), result.as_numpy("MASK"), self.batch)
+                check_outputs(result.as_numpy(LESIONS), result.as_numpy(MASK), self.batch)
             except Exception as exc:  # noqa: BLE001
                 response.failure(exc)

@@ -18,12 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
-import numpy as np  # noqa: E402
-from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor  # noqa: E402
-
-from perf.common import DEFAULT_GLOB, REPO_ROOT, load_photos  # noqa: E402
+from fundus_hemorrhage.contract import IMAGE
+from perf.common import DEFAULT_GLOB, REPO_ROOT, load_photos
 
 
 def entry(data: bytes) -> dict:
@@ -31,13 +30,13 @@ def entry(data: bytes) -> dict:
     # the same bytes tritonclient puts on the wire for a one-element BYTES tensor
     assert raw == serialize_byte_tensor(np.array([data], dtype=np.object_)).item()
     assert deserialize_bytes_tensor(raw)[0] == data
-    return {"IMAGE": {"b64": base64.b64encode(raw).decode("ascii")}}
+    return {IMAGE: {"b64": base64.b64encode(raw).decode("ascii")}}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--photos", type=Path, default=None,
-                   help="photos folder (default: /work/shared/data/idrid_he/images, else samples/)")
+                   help="photos folder (default: the repository's samples/; e.g. ../shared/data/idrid_he/images)")
     p.add_argument("--photo-glob", default=DEFAULT_GLOB)
     p.add_argument("--limit", type=int, default=0, help="at most this many photos (0: all)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results" / "pa_input.json")

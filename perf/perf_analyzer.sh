@@ -2,8 +2,8 @@
 # perf_analyzer concurrency sweep of the ensemble with real photos. Not run in CI: perf_analyzer ships in the
 # Triton SDK container, not in this venv. Start the server first (python serve.py, or make run), then:
 #
-#   python perf/make_pa_input.py --photos /work/shared/data/idrid_he/images      # -> perf/results/pa_input.json
-#   docker run --rm --net host -v "$PWD":/work/main -w /work/main \
+#   python perf/make_pa_input.py --photos ../shared/data/idrid_he/images        # -> perf/results/pa_input.json
+#   docker run --rm --net host -v "$PWD":/repo -w /repo \
 #       nvcr.io/nvidia/tritonserver:24.10-py3-sdk bash perf/perf_analyzer.sh
 #
 # Settings (environment variables):

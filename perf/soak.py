@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
 """Soak test: minutes of steady load on the ensemble; every request must succeed and no process may grow.
 
-    # starts serve.py itself on free ports (10 minutes, 4 clients x 2 photos, the IDRiD photos)
+    # starts serve.py itself on free ports (10 minutes, 4 clients x 2 photos, samples/)
     .venv/bin/python perf/soak.py --out perf/results/soak
     # against a running server on this machine (its processes are found by the gRPC port)
     .venv/bin/python perf/soak.py --url 127.0.0.1:8001 --minutes 30 --clients 8
 
 The resident memory (RSS) of tritonserver and of each Python backend stub is sampled every --sample-every
 seconds. Growth = (median of the last fifth of the samples - median of the first fifth after --warmup) / the
-latter, per process and for all together. Pass: 0 failed requests and every growth under --max-growth (10 %). Results: a markdown
-table and JSON on stdout, and in --out.md / --out.json. Exit code 1 when the soak does not pass.
+latter, per process and for all together. Pass: 0 failed requests and every growth under --max-growth (10 %).
+Results: a markdown table and JSON on stdout, and in --out.md / --out.json. Exit code 1 when the soak does not pass.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from perf.common import latency_summary_ms, load_photos, local_triton, machine_info  # noqa: E402
-from perf.kill_stub import Load  # noqa: E402
+from perf.common import load_photos, local_triton, machine_info
+from perf.kill_stub import Load
+from perf.report import latency_summary_ms
 
 
 def process_label(proc: psutil.Process, triton_pid: int) -> str:
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--batch", type=int, default=2, help="photos per request")
-    p.add_argument("--photos", help="folder of photos (default: the IDRiD set if present, else samples/)")
+    p.add_argument("--photos", help="folder of photos (default: the repository's samples/; "
+                                    "e.g. ../shared/data/idrid_he/images)")
     p.add_argument("--photo-glob", default="*.jpg")
     p.add_argument("--sample-every", type=float, default=5.0, help="seconds between RSS samples")
     p.add_argument("--warmup", type=float, default=60.0, help="seconds before the RSS baseline")

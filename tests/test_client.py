@@ -1,9 +1,10 @@
-"""segment.py, the clinic's command-line client: against the real Triton (gRPC and HTTP) and offline."""
+"""The client library (fundus_hemorrhage.client) and segment.py, the clinic's command line over it: against the
+real Triton (gRPC and HTTP) and offline."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,18 +13,28 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, SAMPLE_PHOTOS, free_ports
-
-sys.path.insert(0, str(REPO_ROOT))
-import segment  # noqa: E402
+from conftest import REPO_ROOT, SAMPLE_PHOTOS, free_ports, make_client
+from fundus_hemorrhage import client as service
 
 SEGMENT = REPO_ROOT / "segment.py"
 GARBAGE = b"this is not a photo\n" * 50
 
 
+def load_segment():
+    """segment.py as a module (a script at the repository root, not part of the installed package)."""
+    spec = importlib.util.spec_from_file_location("segment", SEGMENT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # the importlib recipe: dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+segment = load_segment()
+
+
 def run_segment(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SEGMENT), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+                          timeout=timeout, cwd=REPO_ROOT)
 
 
 def read_photo(path: Path) -> np.ndarray:
@@ -58,6 +69,38 @@ def check_garbage_outputs(out: Path, stem: str) -> None:
     assert report["status"] == "error" and "not an image" in report["error"]
     assert "request failed" not in report["error"] and ";" not in report["error"]  # its own reason only
     assert not (out / f"{stem}_mask.png").exists() and not (out / f"{stem}_overlay.png").exists()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_library_answers_each_photo(triton_server, protocol):
+    client = make_client(triton_server, protocol)
+    service.check_server(client, protocol, "test server")
+    photo = SAMPLE_PHOTOS[0].read_bytes()
+    # A mixed request: the ensemble answers it with an error report for the unreadable photo.
+    good, bad = service.segment(client, protocol, [photo, GARBAGE], probability=True)
+    assert good.ok and good.report["status"] == "ok" and good.mask_png[:4] == b"\x89PNG" and good.probability_png
+    assert not bad.ok and "not an image" in bad.error and not bad.mask_png and bad.report["status"] == "error"
+    # Refused as a whole (nothing readable): retried photo by photo, each with its own reason.
+    first, second = service.segment(client, protocol, [GARBAGE, b""])
+    assert "not an image" in first.error and first.error != second.error and second.error
+    assert all("request failed" not in r.error and "image 0" not in r.error for r in (first, second))
+    assert first.seconds > 0
+
+
+def test_library_unreachable_server():
+    url = f"127.0.0.1:{free_ports(1)[0]}"
+    for protocol in ("grpc", "http"):
+        client = service.make_client(url, protocol, timeout=5)
+        with pytest.raises(service.ServerNotReady, match="cannot reach Triton"):
+            service.check_server(client, protocol, url, timeout=5)
+        (result,) = service.segment(client, protocol, [GARBAGE], timeout=5)
+        assert not result.ok and result.report["status"] == "error"
+
+
+def test_photo_reason():
+    assert service.photo_reason("in ensemble 'x', image 3: not an image file") == "not an image file"
+    assert service.normalise_url("http://host:9/", "http") == "host:9"
+    assert service.normalise_url(None, "grpc") == "127.0.0.1:8001"
 
 
 def test_grpc_mixed_request_and_whole_request_refusal(triton_server, tmp_path):

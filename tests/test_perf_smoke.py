@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from conftest import REPO_ROOT, SAMPLES
+from fundus_hemorrhage.contract import ENSEMBLE, POSTPROCESS, PREPROCESS, SEGMENTATION_MODEL
 
 PERF = REPO_ROOT / "perf"
 
@@ -31,9 +32,11 @@ def test_bench_runs_all_arms(triton_server, tmp_path):
         assert level["errors"] == 0, level["error_sample"]
         assert level["requests"] >= 1
     server = arms["triton"][0]["server"]
-    assert {"hemorrhage_segmentation", "preprocess", "unet", "postprocess"} <= set(server)
-    assert server["unet"]["requests"] >= 1
-    assert results["weights_check"]["same_weights"] in (True, False)
+    assert {ENSEMBLE, PREPROCESS, SEGMENTATION_MODEL, POSTPROCESS} <= set(server)
+    assert server[SEGMENTATION_MODEL]["requests"] >= 1
+    # The FastAPI arm runs the checkpoint the served version's model.json names (checkpoints/, in the repository).
+    assert results["config"]["checkpoint"].startswith("checkpoints/")
+    assert results["weights_check"]["same_weights"] is True
     assert len(results["ratios"]) >= 4
     assert "| ratio |" in Path(f"{out}.md").read_text()
 

@@ -28,6 +28,7 @@ import tritonclient.http as httpclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from fundus_hemorrhage.engines.identity import read_identity, write_with_identity
 from perf import kill_stub
 from tests.conftest import ENSEMBLE, REPO_ROOT, SAMPLE_PHOTOS, make_client, start_server, stop_server
 from tests.conftest import infer as request_ensemble
@@ -370,10 +371,14 @@ def test_model_updates_bad_versions_are_refused_good_ones_served_without_failure
         shutil.rmtree(unet / str(old))
     if shipped[-1] != 1:
         (unet / str(shipped[-1])).rename(unet / "1")
+    _, threshold = read_identity(unet / "1" / "model.onnx")
+    write_with_identity(unet / "1" / "model.onnx", unet / "1" / "model.onnx", 1, threshold)
 
     def new_version(v: int, onnx_writer=None, model_py: str | None = None) -> None:
         staging = tmp_path / f"staging-{v}"  # copy beside, then rename: the poller never sees half a folder
         shutil.copytree(unet / "1", staging, ignore=shutil.ignore_patterns("__pycache__"))
+        # Each version's graph names its own number: a copy renumbered as it is would be refused.
+        write_with_identity(staging / "model.onnx", staging / "model.onnx", v, threshold)
         if onnx_writer:
             onnx_writer(staging / "model.onnx")
         if model_py is not None:
@@ -430,29 +435,18 @@ def test_invalid_exif_orientation_is_ignored_and_benign_jpeg_warnings_are_accept
     assert preprocess(jpeg[:-2] + b"\x00\x00" + jpeg[-2:]).geometry.width == 800
 
 
-def test_serve_helpers(tmp_path):
+def test_serve_command_line(tmp_path):
     import serve
-    from serving import supervisor
-    assert supervisor.version_policy("version_policy: { latest { num_versions: 2 } }") == ("latest", 2)
-    assert supervisor.version_policy("version_policy: { specific { versions: [1, 3] } }") == ("specific", [1, 3])
-    assert supervisor.version_policy("version_policy: { all { } }") == ("all", None)
-    assert supervisor.version_policy("name: 'x'") == ("latest", 1)
-    assert supervisor.select_versions(("latest", 1), [1, 4, 2]) == [4]
-    assert supervisor.select_versions(("specific", [1, 3]), [1, 2]) == [1]
-    assert supervisor.default_max_request_bytes(REPO_ROOT / "model_repository") == 16 * MAX_BYTES
-    model = tmp_path / "m"
-    (model / "1" / "__pycache__").mkdir(parents=True)
-    (model / "config.pbtxt").write_text("name: 'm'")
-    (model / "1" / "model.py").write_text("x = 1")
-    before = supervisor.fingerprint(model)
-    (model / "1" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"cache")  # Python's own writes: ignored
-    assert supervisor.fingerprint(model) == before
-    (model / "2").mkdir()
-    assert supervisor.fingerprint(model) != before and set(supervisor.fingerprint(model).versions) == {1, 2}
-    args = serve.parse_args(["--grpc-tls-cert", str(model / "config.pbtxt"), "--grpc-tls-key", str(model / "config.pbtxt")])
-    cmd = serve.triton_command(args, Path("tritonserver"), None, "k")
+    from fundus_hemorrhage.serving import launcher
+    assert launcher.default_max_request_bytes(REPO_ROOT / "model_repository") == 16 * MAX_BYTES
+    assert launcher.default_max_request_bytes(tmp_path) == 16 * MAX_BYTES  # no config.pbtxt: the generated defaults
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not read here")
+    args = serve.parse_args(["--grpc-tls-cert", str(cert), "--grpc-tls-key", str(cert)])
+    cmd = launcher.triton_command(args, Path("tritonserver"), None, "k")
     assert "--grpc-use-ssl=true" in cmd and "--grpc-use-ssl-mutual=true" not in cmd
     assert any(c.startswith("--http-restricted-api=model-repository,shared-memory,trace,logging:admin-key=k")
                for c in cmd)
     with pytest.raises(SystemExit):
-        serve.parse_args(["--grpc-tls-cert", str(model / "config.pbtxt")])  # a key is needed too
+        serve.parse_args(["--grpc-tls-cert", str(cert)])  # a key is needed too
+    assert "PYTHONPATH" not in launcher.server_env([])

@@ -1,0 +1,216 @@
+"""Starts tritonserver on the model repository and looks after it until it stops (serve.py's main).
+
+Finds `tritonserver` (on PATH, as in the NGC image, or inside the nvidia-pytriton wheel, whose Python backend
+then gets the stub built for the running interpreter), builds its command line and environment, waits until it
+is ready, optionally pins the unet version, then runs the supervisor and the drain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from google.protobuf.text_format import ParseError
+
+from .. import contract as c
+from ..model_config import parameters, preprocess_config, read_config
+from .admin import ADMIN_HEADER, Admin
+from .drain import Drain
+from .supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+# trace and logging settings take file paths: no client may set them.
+RESTRICTED = "model-repository,shared-memory,trace,logging"
+ADMIN_KEY_ENV = "HEMOSEG_ADMIN_KEY"
+MAX_REQUEST_ENV = "HEMOSEG_MAX_REQUEST_BYTES"  # read by the preprocess model
+
+
+def default_max_request_bytes(repository: Path) -> int:
+    """Photos per request (the ensemble's max_batch_size) x the per-photo byte limit (preprocess max_bytes), from
+    the repository's config.pbtxt files; the generated defaults where one cannot be read."""
+    try:
+        batch = read_config(repository / c.ENSEMBLE).max_batch_size or c.MAX_BATCH_SIZE
+    except (OSError, ParseError):
+        batch = c.MAX_BATCH_SIZE
+    default_photo = parameters(preprocess_config())["max_bytes"]
+    try:
+        photo = parameters(read_config(repository / c.PREPROCESS)).get("max_bytes", default_photo)
+    except (OSError, ParseError):
+        photo = default_photo
+    return batch * int(photo)
+
+
+def find_tritonserver(work_dir: Path) -> tuple[Path, Path | None, list[str]]:
+    """(tritonserver binary, backend directory or None for its default, extra library folders). Exits when there
+    is none. The wheel's backends are prepared under `work_dir`."""
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return Path(on_path), None, []
+    try:
+        import pytriton
+    except ImportError:
+        sys.exit("serve.py: no tritonserver on PATH and the nvidia-pytriton wheel is not installed (make install)")
+    dist = Path(pytriton.__file__).parent / "tritonserver"
+    backends = prepare_backends(dist, work_dir / "backends")
+    return dist / "bin" / "tritonserver", backends, [str(dist.parent.parent / "nvidia_pytriton.libs")]
+
+
+def prepare_backends(dist: Path, target: Path) -> Path:
+    """Copy the wheel's Python backend to `target`/python with the stub built for this interpreter; `target`."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        sys.exit(f"serve.py: the nvidia-pytriton wheel has no Python backend stub for Python {version}")
+    python_dir = target / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    files = {item.name: item for item in (dist / "backends" / "python").iterdir() if item.is_file()}
+    files["triton_python_backend_stub"] = stub
+    for name, source in files.items():
+        dest = python_dir / name
+        if not dest.exists() or not filecmp.cmp(source, dest, shallow=False):
+            # Copy beside, then rename: a server already running from this folder keeps its open files.
+            tmp = dest.with_name(f".{name}.{os.getpid()}")
+            shutil.copy2(source, tmp)
+            os.replace(tmp, dest)
+    return target
+
+
+def triton_options(binary: Path, env: dict) -> set[str]:
+    """The command-line options this tritonserver knows (from --help)."""
+    try:
+        text = subprocess.run([str(binary), "--help"], env=env, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    return set(re.findall(r"^\s*(--[a-z0-9-]+)", text, re.MULTILINE))
+
+
+def triton_command(args: argparse.Namespace, binary: Path, backends: Path | None, admin_key: str,
+                   options: set[str] = frozenset()) -> list[str]:
+    """tritonserver's command line for serve.py's arguments: explicit model control with every model loaded,
+    the admin APIs behind `admin_key`, gRPC TLS when asked."""
+    restriction = f"{RESTRICTED}:{ADMIN_HEADER}={admin_key}"
+    cmd = [
+        str(binary),
+        f"--model-repository={args.model_repository}",
+        f"--http-address={args.host}", f"--http-port={args.http_port}",
+        f"--grpc-address={args.host}", f"--grpc-port={args.grpc_port}",
+        f"--metrics-address={args.host}", f"--metrics-port={args.metrics_port}",
+        "--model-control-mode=explicit", "--load-model=*",
+        f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}",
+        f"--exit-timeout-secs={args.exit_timeout}",
+        "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
+        f"--log-verbose={args.log_verbose}",
+    ]
+    if "--http-max-input-size" in options:  # newer Triton only; 2.51 has no request-size option (docs/reliability.md)
+        cmd.append(f"--http-max-input-size={args.max_request_bytes + 2**20}")
+    if args.grpc_tls_cert:
+        cmd += ["--grpc-use-ssl=true", f"--grpc-server-cert={args.grpc_tls_cert}",
+                f"--grpc-server-key={args.grpc_tls_key}"]
+        if args.grpc_tls_root_cert:  # clients must present a certificate signed by this CA
+            cmd += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={args.grpc_tls_root_cert}"]
+    if backends is not None:
+        cmd.append(f"--backend-directory={backends}")
+    return cmd
+
+
+def server_env(extra_libs: list[str], max_request_bytes: int | None = None) -> dict:
+    """tritonserver's environment: ours, with the library folders the stub needs and without PYTHONPATH (the
+    models import the installed fundus_hemorrhage package, as under a bare `tritonserver`)."""
+    env = os.environ.copy()
+    env.pop("PYTHONPATH", None)
+    # The stub embeds libpython: use the one of the interpreter running us (and so our venv's packages).
+    libs = [sysconfig.get_config_var("LIBDIR") or "", *extra_libs, env.get("LD_LIBRARY_PATH", "")]
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in libs if p)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    if max_request_bytes:
+        env[MAX_REQUEST_ENV] = str(max_request_bytes)
+    return env
+
+
+def wait_ready(url: str, grpc_address: tuple[str, int], process: subprocess.Popen, timeout: float) -> bool:
+    """HTTP says ready and the gRPC port accepts connections (Triton exits if it cannot bind it, after HTTP)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    socket.create_connection(grpc_address, timeout=2).close()
+                    time.sleep(0.5)
+                    return process.poll() is None
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def pin_version(admin: Admin, model: str, version: int) -> str | None:
+    """Serve only `version` of `model` (instead of its config's version_policy); None, or why it failed."""
+    before = admin.ready_versions()
+    config = admin.config(model)
+    config["version_policy"] = {"specific": {"versions": [version]}}
+    status, message = admin.load(model, config)
+    admin.reload_lost(before)  # e.g. the ensemble, if the reload took it down
+    return None if status == 200 else f"HTTP {status}: {message[:300]}"
+
+
+def serve(args: argparse.Namespace, work_dir: Path) -> int:
+    """Run Triton for serve.py's parsed arguments until it stops; the exit code (0 after a drain)."""
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="serve.py: %(message)s")
+    args.model_repository = args.model_repository.resolve()
+    if args.max_request_bytes is None:
+        args.max_request_bytes = default_max_request_bytes(args.model_repository)
+    binary, backends, extra_libs = find_tritonserver(work_dir)
+    admin_key = os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(32)
+    env = server_env(extra_libs, args.max_request_bytes)
+    process = subprocess.Popen(triton_command(args, binary, backends, admin_key, triton_options(binary, env)),
+                               env=env)
+
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    url = f"http://{host}:{args.http_port}"
+    admin = Admin(url, admin_key)
+    admin_lock = threading.Lock()  # the supervisor's loads and the drain never overlap
+    drain = Drain(admin, process, c.ENSEMBLE, args.exit_timeout, admin_lock).install()
+
+    ready = wait_ready(url, (host, args.grpc_port), process, args.ready_timeout)
+    if ready and args.unet_version is not None:
+        failure = pin_version(admin, c.SEGMENTATION_MODEL, args.unet_version)
+        if failure:
+            print(f"serve.py: cannot serve {c.SEGMENTATION_MODEL} version {args.unet_version}: {failure}",
+                  file=sys.stderr, flush=True)
+            ready = False
+    if ready:
+        print(f"Triton is ready: model '{c.ENSEMBLE}'\n"
+              f"  HTTP    http://{host}:{args.http_port}\n"
+              f"  gRPC    {host}:{args.grpc_port}{' (TLS)' if args.grpc_tls_cert else ''}\n"
+              f"  metrics http://{host}:{args.metrics_port}/metrics", flush=True)
+        if (args.watchdog_interval > 0 or args.poll_interval > 0) and not drain.stopping():
+            Supervisor(admin, args.model_repository, process.pid, args.watchdog_interval, args.poll_interval,
+                       drain.requested, admin_lock).start()
+    elif not drain.stopping():
+        print("serve.py: Triton did not become ready; see its log above", file=sys.stderr, flush=True)
+        process.send_signal(signal.SIGTERM)
+        process.wait()
+        return 1
+    code = process.wait()
+    if drain.stopping():
+        drain.join(30)
+        return 0
+    print(f"serve.py: tritonserver exited with code {code}", file=sys.stderr, flush=True)
+    return code or 1

@@ -3,7 +3,9 @@
 The Triton preprocess model decodes the photos of a request in a thread pool (`threads` parameter, default 2), so
 a decoder that serialises (a process-wide lock) caps it at one core. This times `preprocessing.decode` (header,
 completeness, decode at the reduced scale) and, with `--stage preprocess`, the whole `preprocess` of each photo,
-in a pool of 1 and of 2 threads, interleaved and repeated because the CPU may be shared.
+in a pool of 1 and of 2 threads, interleaved and repeated because the CPU may be shared. On a busy machine the
+photos/s blur, so it also runs a lock probe that contention does not hide: how many short decodes another thread
+finishes while one long decode runs (a lock lets through at most one, and stalls the other thread throughout).
 
     .venv/bin/python perf/decode_bench.py                                   # samples/*.jpg
     .venv/bin/python perf/decode_bench.py --photos ../shared/data/idrid_he/images --repeats 7
@@ -19,9 +21,12 @@ import json
 import os
 import statistics
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import cv2
 
 from fundus_hemorrhage import preprocessing
 
@@ -43,6 +48,31 @@ def _rate(photos: list[bytes], threads: int, stage: str) -> tuple[float, float]:
         list(pool.map(work, photos))
         wall = time.perf_counter() - start
         return len(photos) / wall, (time.process_time() - cpu) / wall
+
+
+def decodes_during_one_long_decode(long: bytes, short: bytes) -> tuple[int, float]:
+    """(short decodes another thread completes during one full-size decode of `long`, the longest stretch of that
+    decode with none completing, as a fraction of it). A decoder lock gives (0 or 1, ~1.0)."""
+    config = preprocessing.PreprocessConfig()
+    full_size = preprocessing.PreprocessConfig(working_size=1 << 16)  # no DCT scaling: a decode of ~0.1 s
+    done, finished = threading.Event(), []
+
+    def other() -> None:
+        while not done.is_set():
+            preprocessing.decode(short, config)
+            finished.append(time.perf_counter())
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    while len(finished) < 3:
+        time.sleep(0.001)
+    start = time.perf_counter()
+    preprocessing.decode(long, full_size)
+    end = time.perf_counter()
+    done.set()
+    thread.join()
+    marks = [start] + [t for t in finished if start < t < end] + [end]
+    return len(marks) - 2, max(b - a for a, b in zip(marks, marks[1:])) / (end - start)
 
 
 def _commit(folder: Path) -> str:
@@ -73,6 +103,13 @@ def main() -> None:
           f"{len(photos)} photos per run ({len(files)} files), {args.repeats} repeats, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}")
 
+    # A short photo: the first one at the scale it is decoded at, re-encoded (decoded without DCT scaling).
+    reduced, _, _ = preprocessing.decode(photos[0], preprocessing.PreprocessConfig())
+    short = cv2.imencode(".jpg", reduced)[1].tobytes()
+    probes = [decodes_during_one_long_decode(photos[0], short) for _ in range(3)]
+    print("lock probe: short decodes finished by another thread during one full-size decode: "
+          + ", ".join(f"{n} (longest stall {gap:.0%} of it)" for n, gap in probes))
+
     rates: dict[int, list[float]] = {1: [], 2: []}
     cores: dict[int, list[float]] = {1: [], 2: []}
     for _ in range(args.repeats):
@@ -86,6 +123,7 @@ def main() -> None:
         "photos_per_run": len(photos), "files": len(files), "repeats": args.repeats,
         "photos_per_s_1_thread": rates[1], "photos_per_s_2_threads": rates[2], "speedups": speedups,
         "cores_busy_1_thread": cores[1], "cores_busy_2_threads": cores[2], "load_average": os.getloadavg()[0],
+        "probe_short_decodes": [n for n, _ in probes], "probe_longest_stall": [gap for _, gap in probes],
         "median_speedup": statistics.median(speedups),
     }
     for threads, values in rates.items():

@@ -23,7 +23,7 @@ from fundus_hemorrhage.contract import ENSEMBLE, SEGMENTATION_MODEL  # noqa: F40
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 CHECKPOINTS = REPO_ROOT / "checkpoints"
-SAMPLE_PHOTOS = REPO_ROOT / "samples"  # three IDRiD photos; pass --photos for a real set
+SAMPLE_PHOTOS = REPO_ROOT / "samples"  # three full-size IDRiD photos; --photos for a larger set
 DEFAULT_GLOB = "*.jpg"
 
 

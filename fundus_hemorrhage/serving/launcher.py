@@ -32,8 +32,6 @@ from .admin import ADMIN_HEADER, Admin
 from .drain import Drain
 from .supervisor import Supervisor
 
-log = logging.getLogger(__name__)
-
 # trace and logging settings take file paths: no client may set them.
 RESTRICTED = "model-repository,shared-memory,trace,logging"
 ADMIN_KEY_ENV = "HEMOSEG_ADMIN_KEY"

@@ -2,7 +2,8 @@
 once and for good, while the request in flight completes and the process exits 0.
 
 The server is started through its command line only. Readiness is polled every 5 ms, not every 0.1 s: the
-drain's brief returns to 200 (tens of milliseconds, see the xfail reason) would otherwise mostly go unseen.
+drain's brief returns to 200 before fundus_hemorrhage.serving.drain.withdraw_readiness (10-250 ms) would
+otherwise mostly go unseen.
 """
 
 from __future__ import annotations
@@ -66,12 +67,6 @@ def poll_readiness(port: int, stop: threading.Event, samples: list[tuple[float, 
         time.sleep(0.005)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Triton 2.51 strict readiness is false only while some model is LOADING/UNLOADING or failed to load; "
-    "serve.py's drain (serving/supervisor.py) passes through states where every model is READY or cleanly "
-    "unloaded (after the ensemble unloads, and after the last step unloads until Triton is killed), so "
-    "/v2/health/ready answers 200 again for ~10-100 ms. Fix: at the start of drain(), load a model that "
-    "cannot load (see docs/kubernetes.md, 'Drain and readiness')."))
 def test_readiness_drops_at_sigterm_while_a_request_completes(tmp_path):
     process, port = start_serve(tmp_path / "serve.log")
     try:

@@ -21,7 +21,8 @@ from . import BuildError
 from .identity import write_with_identity
 
 # The Triton adapter is the installed package's; the version folder only names it.
-MODEL_PY = ("# This version runs model.onnx (beside this file) on ONNX Runtime; the adapter is the installed package's.\n"
+MODEL_PY = ("# This version runs model.onnx (beside this file) on ONNX Runtime; "
+            "the adapter is the installed package's.\n"
             "from fundus_hemorrhage.onnxruntime_unet import TritonPythonModel  # noqa: F401\n")
 
 

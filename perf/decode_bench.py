@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _rate(photos: list[bytes], threads: int, stage: str) -> tuple[float, float]:
     """(photos per second, cores busy) of one pass over `photos` in a pool of `threads` threads.
 
-    Cores busy is the process's CPU time over the wall time: about 1 when the decodes are serialised whatever
-    the thread count, so it shows a lock even when other work on a shared machine blurs the photos/s.
+    Cores busy is the process's CPU time over the wall time (at most 1 when the decodes are serialised);
+    cores busy / photos per second is the CPU time per photo, which other work on a shared machine hardly changes.
     """
     config = preprocessing.PreprocessConfig()
     work = (lambda d: preprocessing.decode(d, config)) if stage == "decode" else (
@@ -129,7 +129,8 @@ def main() -> None:
     for threads, values in rates.items():
         print(f"{threads} thread{'s' if threads > 1 else ' '}: {statistics.median(values):6.1f} photos/s "
               f"(median; {min(values):.1f}-{max(values):.1f} over {len(values)} runs), "
-              f"{statistics.median(cores[threads]):.2f} cores busy")
+              f"{statistics.median(cores[threads]):.2f} cores busy, "
+              f"{1000 * statistics.median(c / r for c, r in zip(cores[threads], values)):.1f} CPU ms per photo")
     print(f"2-thread speed-up: {summary['median_speedup']:.2f}x (median; per-run {min(speedups):.2f}-"
           f"{max(speedups):.2f}x)")
     if args.json:

@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="PEM CA certificate: mutual TLS, clients must present a certificate it signed")
     p.add_argument("--unet-version", type=int, default=None,
                    help="serve this version of the U-Net (default: the newest, as unet/config.pbtxt says)")
+    p.add_argument("--no-http-proxy", action="store_true",
+                   help="serve Triton's HTTP endpoint on --http-port directly, without the HAProxy guard (only behind a "
+                        "reverse proxy of your own that refuses compressed and oversized bodies; docs/reliability.md)")
     p.add_argument("--log-verbose", type=int, default=0)
     args = p.parse_args(argv)
     if bool(args.grpc_tls_cert) != bool(args.grpc_tls_key):

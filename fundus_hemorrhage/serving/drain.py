@@ -16,6 +16,7 @@ import time
 from typing import Callable
 
 from .admin import Admin
+from .readiness import NOT_READY_MODEL, withdraw_readiness  # noqa: F401  (NOT_READY_MODEL: for callers)
 from .watchdog import python_stubs, remove_shm
 
 log = logging.getLogger(__name__)
@@ -32,21 +33,6 @@ class TritonPythonModel:
                                      pb_utils.TritonError.UNAVAILABLE)
         return [pb_utils.InferenceResponse(error=error) for _ in requests]
 """
-
-
-# A model that never loads: Triton 2.51's strict readiness counts a model whose load failed (state UNAVAILABLE,
-# reason not "unloaded") as not ready until the process ends, so /v2/health/ready answers 400 from the first
-# moment of the drain to the end. Without it, readiness returned to 200 for 10-250 ms whenever the ensemble or
-# the steps finished unloading (measured with tests/test_drain_readiness.py), and a load balancer sent new work.
-NOT_READY_MODEL = "hemoseg_stopping"
-
-
-def withdraw_readiness(admin: Admin) -> None:
-    """Make /v2/health/ready answer 400 for the rest of the process's life (a failed load takes ~4 ms)."""
-    status, _ = admin.load(NOT_READY_MODEL, {"name": NOT_READY_MODEL, "backend": NOT_READY_MODEL},
-                           {"1/stopping": b""})
-    log.info("readiness withdrawn: /v2/health/ready answers 400 from now on (the load of '%s' failed on purpose, "
-             "HTTP %s)", NOT_READY_MODEL, status)
 
 
 def drain(admin: Admin, model: str, timeout: float) -> bool:

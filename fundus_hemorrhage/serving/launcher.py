@@ -8,6 +8,7 @@ is ready, optionally pins the unet version, then runs the supervisor and the dra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import filecmp
 import logging
 import os
@@ -29,8 +30,13 @@ from google.protobuf.text_format import ParseError
 from .. import contract as c
 from ..model_config import parameters, preprocess_config, read_config
 from .admin import ADMIN_HEADER, Admin
-from .drain import Drain
+from .drain import Drain, drain
+from .http_proxy import BODY_HEADROOM, HttpProxy, find_haproxy, free_loopback_port
+from .process import TritonProcess, become_subreaper, describe_exit, reap_orphans
 from .supervisor import Supervisor
+from .watchdog import python_stubs, remove_shm
+
+log = logging.getLogger(__name__)
 
 # trace and logging settings take file paths: no client may set them.
 RESTRICTED = "model-repository,shared-memory,trace,logging"
@@ -98,14 +104,16 @@ def triton_options(binary: Path, env: dict) -> set[str]:
 
 
 def triton_command(args: argparse.Namespace, binary: Path, backends: Path | None, admin_key: str,
-                   options: set[str] = frozenset()) -> list[str]:
+                   options: set[str] = frozenset(), http: tuple[str, int] | None = None) -> list[str]:
     """tritonserver's command line for serve.py's arguments: explicit model control with every model loaded,
-    the admin APIs behind `admin_key`, gRPC TLS when asked."""
+    the admin APIs behind `admin_key`, gRPC TLS when asked. `http`: (address, port) of Triton's HTTP endpoint
+    when it is not the public one (behind the HTTP guard, http_proxy.py)."""
     restriction = f"{RESTRICTED}:{ADMIN_HEADER}={admin_key}"
+    http_host, http_port = http or (args.host, args.http_port)
     cmd = [
         str(binary),
         f"--model-repository={args.model_repository}",
-        f"--http-address={args.host}", f"--http-port={args.http_port}",
+        f"--http-address={http_host}", f"--http-port={http_port}",
         f"--grpc-address={args.host}", f"--grpc-port={args.grpc_port}",
         f"--metrics-address={args.host}", f"--metrics-port={args.metrics_port}",
         "--model-control-mode=explicit", "--load-model=*",
@@ -140,7 +148,7 @@ def server_env(extra_libs: list[str], max_request_bytes: int | None = None) -> d
     return env
 
 
-def wait_ready(url: str, grpc_address: tuple[str, int], process: subprocess.Popen, timeout: float) -> bool:
+def wait_ready(url: str, grpc_address: tuple[str, int], process: TritonProcess, timeout: float) -> bool:
     """HTTP says ready and the gRPC port accepts connections (Triton exits if it cannot bind it, after HTTP)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -168,8 +176,14 @@ def pin_version(admin: Admin, model: str, version: int) -> str | None:
     return None if status == 200 else f"HTTP {status}: {message[:300]}"
 
 
+RESTART_BACKOFF_S = (1, 2, 4, 8, 16, 30)  # between tritonserver restarts after crashes in a row
+STABLE_S = 60.0  # a generation that served this long resets the backoff
+RECYCLE_DRAIN_S = 20.0  # a recycle lets requests in flight finish this long (one stuck on a dead stub never does)
+
+
 def serve(args: argparse.Namespace, work_dir: Path) -> int:
-    """Run Triton for serve.py's parsed arguments until it stops; the exit code (0 after a drain)."""
+    """Run Triton (behind the HTTP guard unless args.no_http_proxy) for serve.py's parsed arguments until it is
+    stopped; the exit code (0 after a drain)."""
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="serve.py: %(message)s")
     args.model_repository = args.model_repository.resolve()
     if args.max_request_bytes is None:
@@ -177,38 +191,130 @@ def serve(args: argparse.Namespace, work_dir: Path) -> int:
     binary, backends, extra_libs = find_tritonserver(work_dir)
     admin_key = os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(32)
     env = server_env(extra_libs, args.max_request_bytes)
-    process = subprocess.Popen(triton_command(args, binary, backends, admin_key, triton_options(binary, env)),
-                               env=env)
-
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    url = f"http://{host}:{args.http_port}"
+    proxy, triton_http = None, None
+    if not getattr(args, "no_http_proxy", False):
+        haproxy = find_haproxy()
+        if haproxy is None:
+            sys.exit("serve.py: haproxy is not installed (make install, or apt-get install haproxy). It guards the "
+                     "HTTP port against compressed-body bombs; --no-http-proxy serves Triton's HTTP port directly "
+                     "(only behind a proxy of your own, docs/reliability.md)")
+        triton_http = ("127.0.0.1", free_loopback_port())
+        proxy = HttpProxy(haproxy, work_dir / f"haproxy-{args.http_port}.cfg", args.host, args.http_port,
+                          triton_http[1], args.max_request_bytes + BODY_HEADROOM)
+    triton = TritonProcess(triton_command(args, binary, backends, admin_key, triton_options(binary, env),
+                                          triton_http), env)
+    url = f"http://127.0.0.1:{triton_http[1]}" if triton_http else f"http://{host}:{args.http_port}"
     admin = Admin(url, admin_key)
-    admin_lock = threading.Lock()  # the supervisor's loads and the drain never overlap
-    drain = Drain(admin, process, c.ENSEMBLE, args.exit_timeout, admin_lock).install()
-
-    ready = wait_ready(url, (host, args.grpc_port), process, args.ready_timeout)
-    if ready and args.unet_version is not None:
-        failure = pin_version(admin, c.SEGMENTATION_MODEL, args.unet_version)
-        if failure:
-            print(f"serve.py: cannot serve {c.SEGMENTATION_MODEL} version {args.unet_version}: {failure}",
-                  file=sys.stderr, flush=True)
-            ready = False
-    if ready:
-        print(f"Triton is ready: model '{c.ENSEMBLE}'\n"
-              f"  HTTP    http://{host}:{args.http_port}\n"
-              f"  gRPC    {host}:{args.grpc_port}{' (TLS)' if args.grpc_tls_cert else ''}\n"
-              f"  metrics http://{host}:{args.metrics_port}/metrics", flush=True)
-        if (args.watchdog_interval > 0 or args.poll_interval > 0) and not drain.stopping():
-            Supervisor(admin, args.model_repository, process.pid, args.watchdog_interval, args.poll_interval,
-                       drain.requested, admin_lock).start()
-    elif not drain.stopping():
-        print("serve.py: Triton did not become ready; see its log above", file=sys.stderr, flush=True)
-        process.send_signal(signal.SIGTERM)
-        process.wait()
+    admin_lock = threading.Lock()  # the supervisor's loads, a recycle and the drain never overlap
+    become_subreaper()
+    try:
+        if proxy is not None:
+            proxy.start()
+        triton.start()
+        stop = Drain(admin, triton, c.ENSEMBLE, args.exit_timeout, admin_lock).install()
+        return run(args, triton, admin, admin_lock, stop, host, proxy)
+    except RuntimeError as exc:  # the proxy could not start
+        print(f"serve.py: {exc}", file=sys.stderr, flush=True)
         return 1
-    code = process.wait()
-    if drain.stopping():
-        drain.join(30)
-        return 0
-    print(f"serve.py: tritonserver exited with code {code}", file=sys.stderr, flush=True)
-    return code or 1
+    finally:
+        if triton.popen is not None and triton.poll() is None:
+            triton.kill()
+            triton.wait()
+        if proxy is not None:
+            proxy.stop()
+
+
+def run(args: argparse.Namespace, triton: TritonProcess, admin: Admin, admin_lock: threading.Lock, stop: Drain,
+        host: str, proxy: HttpProxy | None) -> int:
+    """Look after tritonserver generation by generation: wait until ready, supervise, and start it again (with
+    backoff) when it dies, or recycle it when the watchdog says it holds a dead generation. Returns the exit
+    code: 0 after a drain, 1 if the first start fails."""
+    crashes = 0
+    while True:
+        started = time.monotonic()
+        ready = wait_ready(admin.url, (host, args.grpc_port), triton, args.ready_timeout)
+        if ready and args.unet_version is not None:
+            failure = pin_version(admin, c.SEGMENTATION_MODEL, args.unet_version)
+            if failure:
+                print(f"serve.py: cannot serve {c.SEGMENTATION_MODEL} version {args.unet_version}: {failure}",
+                      file=sys.stderr, flush=True)
+                ready = False
+        if triton.generation == 1 and not ready and not stop.stopping():
+            print("serve.py: Triton did not become ready; see its log above", file=sys.stderr, flush=True)
+            triton.send_signal(signal.SIGTERM)
+            triton.wait()
+            return 1
+        recycle, generation_over = threading.Event(), threading.Event()
+        stop.on_request.append(generation_over.set)
+        supervisor = None
+        if ready:
+            if triton.generation == 1:
+                print(f"Triton is ready: model '{c.ENSEMBLE}'\n"
+                      f"  HTTP    http://{host}:{args.http_port}"
+                      f"{' (behind the HTTP guard, haproxy)' if proxy else ''}\n"
+                      f"  gRPC    {host}:{args.grpc_port}{' (TLS)' if args.grpc_tls_cert else ''}\n"
+                      f"  metrics http://{host}:{args.metrics_port}/metrics", flush=True)
+            else:
+                log.info("tritonserver generation %d (pid %s) is ready, %.1f s after its start", triton.generation,
+                         triton.pid, time.monotonic() - started)
+            if (args.watchdog_interval > 0 or args.poll_interval > 0) and not stop.stopping():
+                supervisor = Supervisor(admin, args.model_repository, triton.pid, args.watchdog_interval,
+                                        args.poll_interval, generation_over, admin_lock,
+                                        on_leak=lambda reason: recycle.set())
+                supervisor.start()
+        stubs = {s.shm_region for s in python_stubs(triton.pid)}
+        while triton.poll() is None and ready and not recycle.is_set():
+            time.sleep(0.2)
+            if proxy is not None and not proxy.alive() and not stop.stopping():
+                log.info("haproxy exited (code %s); starting it again", proxy.process.returncode)
+                proxy.start()
+        if stop.stopping():
+            triton.wait()
+            stop.join(30)
+            return 0
+        generation_over.set()
+        if supervisor is not None:
+            supervisor.join(60)
+            stubs |= supervisor.shm_regions()
+        if triton.poll() is None:  # a recycle, or a generation that never became ready
+            why = "a recycle: it holds a dead generation" if recycle.is_set() else "it did not become ready"
+            log.info("stopping tritonserver generation %d for %s", triton.generation, why)
+            with admin_lock:
+                if recycle.is_set() and not stop.stopping():
+                    drain(admin, c.ENSEMBLE, RECYCLE_DRAIN_S)  # UNAVAILABLE for new requests, in-flight ones finish
+                stubs |= {s.shm_region for s in python_stubs(triton.pid)}
+                triton.kill()
+                triton.wait()
+            crashes = 0 if recycle.is_set() else crashes + 1
+        else:
+            crashes = crashes + 1 if time.monotonic() - started < STABLE_S else 1
+            log.info("tritonserver generation %d ended unexpectedly (%s); readiness is down until it is back",
+                     triton.generation, describe_exit(triton.poll()))
+        delay = RESTART_BACKOFF_S[min(crashes, len(RESTART_BACKOFF_S)) - 1] if crashes else 0
+        if stop.requested.wait(delay):
+            return 0
+        cleanup_generation(stubs)
+        log.info("starting tritonserver again%s", f" (after {delay} s; crash {crashes} in a row)" if crashes else "")
+        triton.start()
+
+
+def cleanup_generation(regions: set[str], settle: float = 5.0) -> None:
+    """After a tritonserver generation ended: reap its stubs (re-parented to serve.py, they exit when they see
+    their parent gone) and remove their shared-memory regions, which Triton leaves after a kill."""
+    deadline = time.monotonic() + settle
+    while True:
+        reaped = reap_orphans()
+        orphans = [s for s in python_stubs(os.getpid())]
+        if not orphans or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for orphan in orphans:  # still running after `settle`: its parent is gone, it serves nothing
+        with contextlib.suppress(OSError):
+            os.kill(orphan.pid, signal.SIGKILL)
+    time.sleep(0.1)
+    reaped += reap_orphans()
+    for region in regions:
+        remove_shm(region)
+    log.info("previous generation cleaned up: %d stub(s) reaped, %d shared-memory region(s) removed", len(reaped),
+             len(regions))

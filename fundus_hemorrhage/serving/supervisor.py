@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from .admin import Admin
 from .updates import UpdatePoller
@@ -17,17 +18,24 @@ log = logging.getLogger(__name__)
 
 class Supervisor(threading.Thread):
     """Restarts models whose stub died (every `watchdog_interval` s) and loads model updates (every
-    `poll_interval` s), keeping the served version when a new one is bad. An interval of 0 disables that task."""
+    `poll_interval` s), keeping the served version when a new one is bad. An interval of 0 disables that task.
+    `on_leak(reason)`: the watchdog found a generation Triton will never release (serve.py recycles Triton)."""
 
     def __init__(self, admin: Admin, repository: Path, triton_pid: int, watchdog_interval: float,
-                 poll_interval: float, stopping: threading.Event, lock: threading.Lock):
+                 poll_interval: float, stopping: threading.Event, lock: threading.Lock,
+                 on_leak: Callable[[str], None] = lambda reason: None):
         super().__init__(name="supervisor", daemon=True)
         self.admin, self.repository, self.triton_pid = admin, repository, triton_pid
         self.watchdog_interval, self.poll_interval = watchdog_interval, poll_interval
-        self.stopping, self.lock = stopping, lock
+        self.stopping, self.lock, self.on_leak = stopping, lock, on_leak
+        self.watchdog: StubWatchdog | None = None
+
+    def shm_regions(self) -> set[str]:
+        """Shared-memory regions of every stub the watchdog saw (to remove once tritonserver has ended)."""
+        return self.watchdog.shm_regions() if self.watchdog is not None else set()
 
     def run(self) -> None:
-        watchdog = StubWatchdog(self.admin, self.repository, self.triton_pid)
+        watchdog = self.watchdog = StubWatchdog(self.admin, self.repository, self.triton_pid, self.on_leak)
         updates = UpdatePoller(self.admin, self.repository, on_load=watchdog.forget_configs)
         tasks = [(interval, task) for interval, task in ((self.watchdog_interval, watchdog.check),
                                                          (self.poll_interval, updates.poll)) if interval > 0]

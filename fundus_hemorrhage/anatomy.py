@@ -7,7 +7,10 @@
          (sub-cell location), and its confidence = the probability mass in that window (the chance, as the
          network sees it, that the landmark lies within ~0.5 disc diameter of the reported point)
       -> disc diameter measured on the pixels around the disc (`disc_diameter`)
-      -> `Anatomy` [ANATOMY_LENGTH] float32 per photo: the ANATOMY tensor
+      -> `Anatomy` [ANATOMY_LENGTH] float32 per photo: the ANATOMY tensor (layout: anatomy_tensor)
+
+In the service it runs in the preprocess step (`anatomy_rows`: one call on the request's readable photos), and
+postprocess turns each row into the report's disc, fovea and retinal frame (fundus_hemorrhage.retinal_frame).
 
 A landmark is reported only when its confidence reaches MIN_CONFIDENCE and the pair is anatomically
 plausible (`plausible`); a fovea without a disc needs MIN_FOVEA_CONFIDENCE_WITHOUT_DISC. Otherwise it is NaN
@@ -18,14 +21,15 @@ perf/results/anatomy-*.md).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from .anatomy_tensor import (ANATOMY_FIELDS, ANATOMY_LENGTH, FOUND, IMPLAUSIBLE, NO_DISC, NO_FOVEA,  # noqa: F401
+                             OUTSIDE, REASONS, UNAVAILABLE, Anatomy)
 from .contract import WORKING_SIZE
 
 LANDMARKS = ("disc", "fovea")
@@ -49,64 +53,6 @@ DISC_FOVEA_DD = 2.5
 DISC_FOVEA_RANGE_DD = (1.6, 3.6)
 # The fovea lies below the horizontal through the disc by -2..14 degrees (IDRiD, 5-95%, data README); allowed:
 FOVEA_ANGLE_RANGE_DEG = (-25.0, 35.0)
-
-REASONS = (
-    "",  # 0: found
-    "not confident: no optic disc recognisable in the photo",  # 1
-    "not confident: no fovea recognisable in the photo",  # 2
-    "outside the field of view (the photo is not centred where this landmark can be seen)",  # 3
-    "implausible position relative to the optic disc (distance or angle out of the anatomical range)",  # 4
-    "detector not available",  # 5
-)
-FOUND, NO_DISC, NO_FOVEA, OUTSIDE, IMPLAUSIBLE, UNAVAILABLE = range(len(REASONS))
-
-
-@dataclass(frozen=True)
-class Anatomy:
-    """One photo's landmarks on the working grid (pixels of contract.WORKING_SIZE); NaN where not found.
-
-    `disc_reason` / `fovea_reason` index REASONS (0: found). Confidences are in [0, 1] even when not found.
-    `disc_diameter` is NaN exactly when the disc is not found.
-    """
-
-    disc_x: float
-    disc_y: float
-    disc_diameter: float
-    disc_confidence: float
-    disc_reason: int
-    fovea_x: float
-    fovea_y: float
-    fovea_confidence: float
-    fovea_reason: int
-
-    def to_vector(self) -> np.ndarray:
-        """float32 [ANATOMY_LENGTH], in field order: one row of the ANATOMY tensor."""
-        return np.array(dataclasses.astuple(self), dtype=np.float32)
-
-    @classmethod
-    def from_vector(cls, v: np.ndarray) -> "Anatomy":
-        """Inverse of `to_vector`. Raises ValueError on a vector of the wrong length."""
-        v = np.asarray(v, dtype=np.float64).reshape(-1)
-        if v.size != ANATOMY_LENGTH:
-            raise ValueError(f"anatomy vector has {v.size} values, expected {ANATOMY_LENGTH}")
-        return cls(*(int(x) if f.type == "int" else float(x) for f, x in zip(dataclasses.fields(cls), v)))
-
-    @classmethod
-    def unavailable(cls) -> "Anatomy":
-        nan = math.nan
-        return cls(nan, nan, nan, 0.0, UNAVAILABLE, nan, nan, 0.0, UNAVAILABLE)
-
-    @property
-    def has_disc(self) -> bool:
-        return self.disc_reason == FOUND
-
-    @property
-    def has_fovea(self) -> bool:
-        return self.fovea_reason == FOUND
-
-
-ANATOMY_FIELDS = tuple(f.name for f in dataclasses.fields(Anatomy))
-ANATOMY_LENGTH = len(ANATOMY_FIELDS)
 
 
 def decode_landmarks(probability: np.ndarray) -> tuple[tuple[float, float], float, float]:
@@ -219,3 +165,17 @@ class AnatomyDetector:
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         return np.stack([a.to_vector() for a in self.detect(pixels)]).astype(np.float32)
+
+
+def anatomy_rows(detector: "AnatomyDetector | None", pixels: Sequence[np.ndarray | None]) -> np.ndarray:
+    """The ANATOMY tensor float32 [N, ANATOMY_LENGTH] of a request: one detector call on the stacked PIXELS
+    [3, S, S] of its readable photos; `None` (an unreadable photo) or no detector gives `Anatomy.unavailable()`.
+
+    Used by both the Triton preprocess and `pipeline.Pipeline`, so that they call the detector on the same batch.
+    Raises what the detector raises (the caller decides; the service then reports the detector unavailable).
+    """
+    rows = np.tile(Anatomy.unavailable().to_vector(), (len(pixels), 1))
+    readable = [i for i, p in enumerate(pixels) if p is not None]
+    if detector is not None and readable:
+        rows[readable] = detector(np.stack([pixels[i] for i in readable]))
+    return rows

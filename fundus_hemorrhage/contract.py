@@ -5,9 +5,10 @@ The model repository's config.pbtxt files are generated from these (`python -m f
 build_engines import them.
 
     client --IMAGE [N,1] bytes--> ENSEMBLE
-      preprocess   IMAGE -> PIXELS [N,3,S,S] fp32, GEOMETRY [N,GEOMETRY_LENGTH] fp64, ERROR [N,1] bytes
+      preprocess   IMAGE -> PIXELS [N,3,S,S] fp32, GEOMETRY [N,GEOMETRY_LENGTH] fp64, ERROR [N,1] bytes,
+                   ANATOMY [N,ANATOMY_LENGTH] fp32 (optic disc and fovea on the working grid)
       unet         PIXELS -> PROBABILITY [N,1,S,S] fp32, THRESHOLD [N,1] fp32, MODEL_VERSION [N,1] int32
-      postprocess  PROBABILITY, THRESHOLD, MODEL_VERSION, GEOMETRY, ERROR -> MASK, LESIONS, PROBABILITY_PNG
+      postprocess  PROBABILITY, THRESHOLD, MODEL_VERSION, GEOMETRY, ERROR, ANATOMY -> MASK, LESIONS, PROBABILITY_PNG
     <--MASK [N,1] PNG bytes, LESIONS [N,1] JSON bytes, PROBABILITY [N,1] PNG bytes (b"" unless asked)--
 
 THRESHOLD and MODEL_VERSION are constants baked into each unet version's graph (build_engines), so the report
@@ -16,6 +17,7 @@ names the version that produced its probabilities and uses that version's thresh
 
 from __future__ import annotations
 
+from .anatomy_tensor import ANATOMY_LENGTH
 from .geometry import GEOMETRY_LENGTH
 
 ENSEMBLE = "hemorrhage_segmentation"
@@ -35,6 +37,7 @@ PROBABILITY = "PROBABILITY"
 PIXELS = "PIXELS"
 GEOMETRY = "GEOMETRY"
 ERROR = "ERROR"
+ANATOMY = "ANATOMY"
 THRESHOLD = "THRESHOLD"
 MODEL_VERSION = "MODEL_VERSION"
 PROBABILITY_PNG = "PROBABILITY_PNG"
@@ -42,6 +45,8 @@ PROBABILITY_PNG = "PROBABILITY_PNG"
 # Request parameter: also return PROBABILITY (round(255 p) as a PNG at the photo's size).
 PROBABILITY_PARAMETER = "probability"
 
-REPORT_SCHEMA_VERSION = "1.0"
+# 2.0: 1.0's fields plus the clinician's frame (eye, optic_disc, fovea, scale, per-lesion zones, zone tables,
+# findings); documented in the README.
+REPORT_SCHEMA_VERSION = "2.0"
 
-__all__ = [name for name in dir() if name.isupper()] + ["GEOMETRY_LENGTH"]
+__all__ = [name for name in dir() if name.isupper()] + ["GEOMETRY_LENGTH", "ANATOMY_LENGTH"]

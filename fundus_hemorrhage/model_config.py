@@ -24,9 +24,11 @@ _HEADERS = {
     c.ENSEMBLE: ["The service: photo bytes in; mask PNG, lesion report (JSON) and optional probability PNG out.",
                  "A request carries N photos as IMAGE of shape [N, 1]."],
     c.PREPROCESS: ["Decode, find the field of view, crop, resize to the working grid, CLAHE "
-                   "(fundus_hemorrhage.preprocessing)."],
+                   "(fundus_hemorrhage.preprocessing);",
+                   "optic disc and fovea on the working grid (fundus_hemorrhage.anatomy, models/anatomy.onnx)."],
     c.POSTPROCESS: ["Probability back to the photo's own size, threshold, speck removal, PNG + lesion report",
-                    "(fundus_hemorrhage.postprocessing). Threshold and version come with the unet's output."],
+                    "(fundus_hemorrhage.postprocessing). Threshold and version come with the unet's output;",
+                    "the retinal frame (laterality, ETDRS grid, quadrants) from ANATOMY (fundus_hemorrhage.retinal_frame)."],
     "cpu": ["U-Net on the CPU: ONNX Runtime inside the Python backend (the pip-installed Triton has no",
             "onnxruntime backend). build_engines.py --target tensorrt writes the GPU variant (tensorrt_plan)."],
     "tensorrt": ["U-Net on the GPU: a TensorRT FP16 plan (model.plan), written by build_engines.py --target tensorrt.",
@@ -41,6 +43,10 @@ def _tensor(name: str, data_type: int, dims: list[int]):
 
 def _pixels(s: int):
     return _tensor(c.PIXELS, FP32, [3, s, s])
+
+
+def _anatomy():
+    return _tensor(c.ANATOMY, FP32, [c.ANATOMY_LENGTH])
 
 
 def _unet_outputs(s: int):
@@ -66,11 +72,12 @@ def ensemble_config() -> ModelConfig:
                        "input": [_tensor(c.IMAGE, STRING, [1])],
                        "output": [_tensor(n, STRING, [1]) for n in (c.MASK, c.LESIONS, c.PROBABILITY)]})
     steps = [
-        (c.PREPROCESS, {c.IMAGE: c.IMAGE}, {c.PIXELS: "pixels", c.GEOMETRY: "geometry", c.ERROR: "image_error"}),
+        (c.PREPROCESS, {c.IMAGE: c.IMAGE},
+         {c.PIXELS: "pixels", c.GEOMETRY: "geometry", c.ERROR: "image_error", c.ANATOMY: "anatomy"}),
         (c.SEGMENTATION_MODEL, {c.PIXELS: "pixels"},
          {c.PROBABILITY: "probability", c.THRESHOLD: "threshold", c.MODEL_VERSION: "model_version"}),
         (c.POSTPROCESS, {c.PROBABILITY: "probability", c.THRESHOLD: "threshold", c.MODEL_VERSION: "model_version",
-                         c.GEOMETRY: "geometry", c.ERROR: "image_error"},
+                         c.GEOMETRY: "geometry", c.ERROR: "image_error", c.ANATOMY: "anatomy"},
          {c.MASK: c.MASK, c.LESIONS: c.LESIONS, c.PROBABILITY_PNG: c.PROBABILITY}),
     ]
     for model, inputs, outputs in steps:
@@ -84,7 +91,7 @@ def preprocess_config(working_size: int = c.WORKING_SIZE, instances: int = 2) ->
     return _message({"name": c.PREPROCESS, "backend": "python", "max_batch_size": c.MAX_BATCH_SIZE,
                      "input": [_tensor(c.IMAGE, STRING, [1])],
                      "output": [_pixels(working_size), _tensor(c.GEOMETRY, FP64, [c.GEOMETRY_LENGTH]),
-                                _tensor(c.ERROR, STRING, [1])],
+                                _tensor(c.ERROR, STRING, [1]), _anatomy()],
                      "instance_group": [{"kind": pb.ModelInstanceGroup.KIND_CPU, "count": instances}],
                      "parameters": {"max_bytes": 64 * 2**20, "max_pixels": 60_000_000}})
 
@@ -92,7 +99,7 @@ def preprocess_config(working_size: int = c.WORKING_SIZE, instances: int = 2) ->
 def postprocess_config(working_size: int = c.WORKING_SIZE, instances: int = 2) -> ModelConfig:
     return _message({"name": c.POSTPROCESS, "backend": "python", "max_batch_size": c.MAX_BATCH_SIZE,
                      "input": [*_unet_outputs(working_size), _tensor(c.GEOMETRY, FP64, [c.GEOMETRY_LENGTH]),
-                               _tensor(c.ERROR, STRING, [1])],
+                               _tensor(c.ERROR, STRING, [1]), _anatomy()],
                      "output": [_tensor(n, STRING, [1]) for n in (c.MASK, c.LESIONS, c.PROBABILITY_PNG)],
                      "instance_group": [{"kind": pb.ModelInstanceGroup.KIND_CPU, "count": instances}],
                      "parameters": {"min_lesion_working_px": 2}})

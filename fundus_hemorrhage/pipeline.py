@@ -3,6 +3,9 @@
 Used where the ensemble's result is wanted without Triton: training's evaluation, build_engines' int8 gate and
 parity checks, the in-process and FastAPI arms of perf/bench.py. A `Model` maps PIXELS [N, 3, S, S] float32 to
 the unet's outputs by name: PROBABILITY [N, 1, S, S], THRESHOLD [N, 1], MODEL_VERSION [N, 1].
+
+The optic disc and fovea detector runs as in the ensemble's preprocess step: one call on the stacked PIXELS of
+the request's readable photos (`anatomy.anatomy_rows`), its float32 ANATOMY rows handed to postprocess.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from . import contract as c
+from .anatomy import AnatomyDetector, anatomy_rows
+from .anatomy_tensor import Anatomy
 from .onnx_session import SERVING_THREADS, create_session, run
 from .postprocessing import PostprocessConfig, postprocess
 from .preprocessing import ImageError, Preprocessed, PreprocessConfig, preprocess
@@ -54,13 +59,17 @@ class Pipeline:
     """preprocess -> model -> postprocess for a batch of photos, with the ensemble's per-photo error handling.
 
     `threads` photos are pre- and postprocessed at a time (the ensemble's Python models use 2 threads each).
+    `anatomy`: run the optic disc and fovea detector (one ONNX Runtime thread, as each preprocess instance);
+    False leaves the reports' anatomical fields null ("detector not available"), e.g. to measure its cost.
     """
 
     def __init__(self, model: Model, preprocess_config: PreprocessConfig = PreprocessConfig(),
-                 postprocess_config: PostprocessConfig = PostprocessConfig(), threads: int = 2):
+                 postprocess_config: PostprocessConfig = PostprocessConfig(), threads: int = 2,
+                 anatomy: bool = True):
         self.model = model
         self.preprocess_config, self.postprocess_config = preprocess_config, postprocess_config
         self.pool = ThreadPoolExecutor(max(1, threads))
+        self.anatomy_detector = AnatomyDetector(threads=1) if anatomy else None
 
     @classmethod
     def from_onnx(cls, path: str | Path, threads: int = SERVING_THREADS, **kwargs) -> "Pipeline":
@@ -82,19 +91,25 @@ class Pipeline:
         zeros = np.zeros((3, s, s), np.float32)
         return self.model(np.stack([p.pixels if isinstance(p, Preprocessed) else zeros for p in pre]))
 
+    def detect_anatomy(self, pre: Sequence[Preprocessed | str]) -> np.ndarray:
+        """The ANATOMY tensor float32 [N, ANATOMY_LENGTH] of a preprocessed batch, as the ensemble computes it."""
+        return anatomy_rows(self.anatomy_detector, [p.pixels if isinstance(p, Preprocessed) else None for p in pre])
+
     def __call__(self, images: Sequence[bytes], with_probability: bool = False) -> list[PhotoResult]:
         """One request. Raises ImageError (every reason, "; "-joined) when no photo can be read, as the ensemble
         answers INVALID_ARGUMENT; otherwise a result per photo, an error report for the unreadable ones."""
         pre = self.preprocess(images)
         if all(isinstance(p, str) for p in pre):
             raise ImageError("; ".join(pre))
+        anatomy = self.detect_anatomy(pre)
         out = self.predict(pre)
 
         def post(i: int) -> PhotoResult:
             if isinstance(pre[i], str):
                 return PhotoResult(b"", error_report(i, pre[i]))
             result = postprocess(out[c.PROBABILITY][i], pre[i].geometry, float(out[c.THRESHOLD][i][0]),
-                                 int(out[c.MODEL_VERSION][i][0]), self.postprocess_config, with_probability)
+                                 int(out[c.MODEL_VERSION][i][0]), self.postprocess_config, with_probability,
+                                 Anatomy.from_vector(anatomy[i]))
             result.report["image_index"] = i
             return PhotoResult(result.mask_png, result.report, result.probability_png)
 

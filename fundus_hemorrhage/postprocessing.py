@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .anatomy_tensor import Anatomy
 from .geometry import Geometry
 from .png import encode_png
 from .report import lesion_report
+from .retinal_frame import Landmarks, nearest_pixel_distance
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ class Lesion:
     cy: float
     mean_probability: float
     max_probability: float
+    # From the fovea (original pixels) to the centre of the lesion's nearest pixel; None without a fovea.
+    fovea_distance_px: float | None = None
 
 
 def _candidate_windows(prob8: np.ndarray, level: int, geometry: Geometry) -> list[tuple[int, int, int, int]]:
@@ -146,11 +150,12 @@ def _candidate_windows(prob8: np.ndarray, level: int, geometry: Geometry) -> lis
     return boxes
 
 
-def find_lesions(probability: np.ndarray, geometry: Geometry, config: PostprocessConfig,
-                 min_area: int) -> tuple[np.ndarray, list[Lesion]]:
+def find_lesions(probability: np.ndarray, geometry: Geometry, config: PostprocessConfig, min_area: int,
+                 fovea: tuple[float, float] | None = None) -> tuple[np.ndarray, list[Lesion]]:
     """The 0/255 mask at the original size and its lesions (components of at least `min_area` pixels).
 
     Identical to thresholding `probability_to_original` and labelling the whole photo, at a fraction of the cost.
+    With `fovea` (x, y original pixels), each lesion's `fovea_distance_px` is measured on its own labelled pixels.
     """
     prob8 = _prob8(probability)
     level = threshold_level(config.threshold)
@@ -168,10 +173,12 @@ def find_lesions(probability: np.ndarray, geometry: Geometry, config: Postproces
         mask[y0:y1, x0:x1] |= lut[labels]
         for k in keep.tolist():
             x, y, w, h, area = stats[k].tolist()
-            values = window[y:y + h, x:x + w][labels[y:y + h, x:x + w] == k]  # this lesion's uint8 probabilities
+            own = labels[y:y + h, x:x + w] == k
+            values = window[y:y + h, x:x + w][own]  # this lesion's uint8 probabilities
+            distance = None if fovea is None else nearest_pixel_distance(own, x + x0, y + y0, *fovea)
             lesions.append(Lesion(x + x0, y + y0, w, h, area, float(centroids[k][0]) + x0,
                                   float(centroids[k][1]) + y0, float(values.sum()) / (255.0 * area),
-                                  float(values.max()) / 255.0))
+                                  float(values.max()) / 255.0, distance))
     lesions.sort(key=lambda les: (les.y, les.x))
     return mask, lesions
 
@@ -184,12 +191,19 @@ class PostprocessResult:
 
 
 def postprocess(probability: np.ndarray, geometry: Geometry, threshold: float, model_version: str,
-                config: PostprocessConfig = PostprocessConfig(), with_probability: bool = False) -> PostprocessResult:
+                config: PostprocessConfig = PostprocessConfig(), with_probability: bool = False,
+                anatomy: Anatomy | None = None) -> PostprocessResult:
     """One photo: PROBABILITY [1, S, S] (or [S, S]) on the working grid, thresholded at the producing version's
-    `threshold` -> mask PNG at the original size, report, and the probability PNG if asked (else b"")."""
+    `threshold` -> mask PNG at the original size, report, and the probability PNG if asked (else b"").
+
+    `anatomy`: the photo's optic disc and fovea on the same working grid (a row of the ANATOMY tensor); without
+    it the report's anatomical fields are null with the reason "detector not available".
+    """
     config = dataclasses.replace(config, threshold=float(threshold))
-    min_area = min_lesion_area(geometry, config, np.shape(probability)[-1])
-    mask, lesions = find_lesions(probability, geometry, config, min_area)
-    report = lesion_report(lesions, geometry, config, str(model_version), min_area)
+    working_size = np.shape(probability)[-1]
+    min_area = min_lesion_area(geometry, config, working_size)
+    landmarks = Landmarks.from_anatomy(anatomy or Anatomy.unavailable(), geometry, working_size)
+    mask, lesions = find_lesions(probability, geometry, config, min_area, landmarks.fovea)
+    report = lesion_report(lesions, geometry, config, str(model_version), min_area, landmarks)
     probability_png = encode_png(probability_to_original(probability, geometry)) if with_probability else b""
     return PostprocessResult(encode_png(mask), report, probability_png)

@@ -1,9 +1,17 @@
-"""The lesion report (JSON) of one photo: schema `contract.REPORT_SCHEMA_VERSION`, documented in the README."""
+"""The lesion report (JSON) of one photo: schema `contract.REPORT_SCHEMA_VERSION`, documented in the README.
+
+Schema 2.0 = the 1.0 report (field of view quadrants, lesions in photo pixels) followed by the clinician's frame
+(fundus_hemorrhage.retinal_frame): `eye`, `optic_disc`, `fovea`, `scale`, `anatomy_reasons`, per-lesion
+`distance_to_fovea_dd/_um`, `area_mm2`, `retinal_quadrant`, `etdrs_subfield`, and the `retinal_quadrants`, `etdrs`
+and `findings` tables. The report is a plain dict of top-level sections: a later section (e.g. image quality) is
+one more key added by `lesion_report`'s caller or here, without touching the others.
+"""
 
 from __future__ import annotations
 
 from .contract import REPORT_SCHEMA_VERSION, SEGMENTATION_MODEL
 from .geometry import Geometry
+from .retinal_frame import Landmarks, anatomy_sections, lesion_anatomy, zone_sections
 
 QUADRANTS = ("upper_left", "upper_right", "lower_left", "lower_right")
 
@@ -13,8 +21,16 @@ def quadrant_of(x: float, y: float, geometry: Geometry) -> str:
     return ("upper_" if y < geometry.fov_cy else "lower_") + ("left" if x < geometry.fov_cx else "right")
 
 
-def lesion_report(lesions: list, geometry: Geometry, config, model_version: str, min_area: int) -> dict:
-    """Report of one photo from its `postprocessing.Lesion`s (original pixels) and the `PostprocessConfig` used."""
+def lesion_report(lesions: list, geometry: Geometry, config, model_version: str, min_area: int,
+                  landmarks: Landmarks | None = None) -> dict:
+    """Report of one photo from its `postprocessing.Lesion`s (original pixels), the `PostprocessConfig` used and
+    the photo's `retinal_frame.Landmarks` (disc and fovea in original pixels; None: both unknown, reason given).
+
+    Each lesion's zone is taken at its reported centroid against the reported disc and fovea, and its distance to
+    the fovea from its `fovea_distance_px` (nearest labelled pixel), so the report agrees with itself.
+    """
+    landmarks = landmarks or Landmarks.unavailable(geometry)
+    frame = landmarks.frame()
     fov_area = max(1.0, geometry.fov_area)
     quadrants = {q: {"count": 0, "area_px": 0} for q in QUADRANTS}
     entries = []
@@ -22,15 +38,18 @@ def lesion_report(lesions: list, geometry: Geometry, config, model_version: str,
         quadrant = quadrant_of(les.cx, les.cy, geometry)
         quadrants[quadrant]["count"] += 1
         quadrants[quadrant]["area_px"] += les.area
+        centroid = (round(les.cx, 1), round(les.cy, 1))
+        nearest = les.fovea_distance_px if les.fovea_distance_px is not None else float("nan")
         entries.append({
             "id": i + 1,
             "bbox": {"x": les.x, "y": les.y, "width": les.width, "height": les.height},
-            "centroid": {"x": round(les.cx, 1), "y": round(les.cy, 1)},
+            "centroid": {"x": centroid[0], "y": centroid[1]},
             "area_px": les.area,
             "area_fov_fraction": round(les.area / fov_area, 7),
             "mean_probability": round(les.mean_probability, 4),
             "max_probability": round(les.max_probability, 4),
             "quadrant": quadrant,
+            **lesion_anatomy(frame, *centroid, les.area, nearest),
         })
     total_area = int(sum(les.area for les in lesions))
     for q in quadrants.values():
@@ -53,6 +72,8 @@ def lesion_report(lesions: list, geometry: Geometry, config, model_version: str,
         "lesions": entries,
         "totals": {"count": len(entries), "area_px": total_area, "area_fov_fraction": round(total_area / fov_area, 7)},
         "quadrants": quadrants,
+        **anatomy_sections(landmarks),
+        **zone_sections(frame, entries),
     }
 
 

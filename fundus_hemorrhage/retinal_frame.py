@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .anatomy import REASONS, Anatomy
+from .anatomy_tensor import REASONS, Anatomy
 from .geometry import Geometry
 
 DISC_DIAMETER_UM = 1800.0
@@ -201,6 +201,11 @@ class Landmarks:
                    round(float(anatomy.disc_confidence), 3), None if disc else REASONS[anatomy.disc_reason],
                    fovea, round(float(anatomy.fovea_confidence), 3), None if fovea else REASONS[anatomy.fovea_reason],
                    geometry.fov_cx, geometry.exif_orientation)
+
+    @classmethod
+    def unavailable(cls, geometry: Geometry) -> "Landmarks":
+        """Neither landmark: the detector did not run (reason "detector not available")."""
+        return cls.from_anatomy(Anatomy.unavailable(), geometry, 1)
 
     def frame(self) -> RetinalFrame | None:
         """The retinal frame, or None unless both the disc and the fovea were found."""

@@ -117,16 +117,22 @@ def test_detector_on_real_photos(detector, name):
     assert lm.laterality == truth["laterality"]
 
 
-def test_no_visible_disc_is_null(detector):
-    # A uniformly lit orange retina with vessel-like lines and no disc: a photo without a visible disc.
+def no_disc_fundus(blobs: tuple[tuple[int, int, int], ...] = ()) -> np.ndarray:
+    """A photo without a visible disc (BGR): a uniformly lit orange retina with vessel-like lines and dark
+    'haemorrhage' blobs (x, y, r)."""
     rng = np.random.default_rng(0)
     img = np.zeros((1400, 1800, 3), np.uint8)
     cv2.circle(img, (900, 700), 680, (30, 80, 180), -1)
     for _ in range(12):
         p = rng.integers(300, 1500, 4)
         cv2.line(img, (int(p[0]), int(p[1])), (int(p[2]), int(p[3] // 1.3)), (20, 40, 120), 6)
-    img = np.clip(img + rng.normal(0, 4, img.shape) * (img > 0), 0, 255).astype(np.uint8)
-    pre = preprocess(cv2.imencode(".jpg", img)[1].tobytes())
+    for x, y, r in blobs:
+        cv2.circle(img, (x, y), r, (20, 25, 90), -1)
+    return np.clip(img + rng.normal(0, 4, img.shape) * (img > 0), 0, 255).astype(np.uint8)
+
+
+def test_no_visible_disc_is_null(detector):
+    pre = preprocess(cv2.imencode(".jpg", no_disc_fundus())[1].tobytes())
     a = detector.detect(pre.pixels[None])[0]
     assert not a.has_disc and REASONS[a.disc_reason]
     lm = Landmarks.from_anatomy(a, pre.geometry, WORKING_SIZE)

@@ -17,6 +17,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from fundus_hemorrhage.contract import REPORT_SCHEMA_VERSION
 from fundus_hemorrhage.engines.identity import write_with_identity
 from fundus_hemorrhage.postprocessing import threshold_level
 from tests.conftest import ENSEMBLE, REPO_ROOT, infer, make_client, start_server, stop_server
@@ -56,7 +57,7 @@ def test_one_photo(client, protocol, sample_bytes):
     assert mask.shape == photo_shape(sample_bytes[0]) == (2848, 4288)
     assert set(np.unique(mask)) <= {0, 255}
     report = json.loads(result.as_numpy("LESIONS")[0, 0])
-    assert report["status"] == "ok" and report["schema_version"] == "1.0"
+    assert report["status"] == "ok" and report["schema_version"] == REPORT_SCHEMA_VERSION == "2.0"
     assert report["image"] == {"width": 4288, "height": 2848, "exif_orientation": 1}
     assert report["model"]["name"] == "unet" and report["model"]["version"].isdigit()
     assert report["totals"]["area_px"] == np.count_nonzero(mask)

@@ -8,6 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
+from fundus_hemorrhage.anatomy_tensor import FOUND, REASONS, UNAVAILABLE, Anatomy
+from fundus_hemorrhage.contract import REPORT_SCHEMA_VERSION
 from fundus_hemorrhage.geometry import Geometry
 from fundus_hemorrhage.png import encode_png
 from fundus_hemorrhage.postprocessing import (PostprocessConfig, find_lesions, min_lesion_area, original_fov_mask,
@@ -81,7 +83,7 @@ def test_specks_are_removed_and_lesions_reported():
     prob[100, 320] = 0.99  # a one-pixel speck: below the minimum area
     result = postprocess(prob[None], g, 0.5, 1)
     report = json.loads(json.dumps(result.report))  # JSON-serialisable
-    assert report["schema_version"] == "1.0" and report["status"] == "ok"
+    assert report["schema_version"] == REPORT_SCHEMA_VERSION and report["status"] == "ok"
     assert report["totals"]["count"] == 2
     strong, weak = sorted(report["lesions"], key=lambda les: -les["max_probability"])
     assert strong["max_probability"] == pytest.approx(0.9, abs=0.01)
@@ -95,6 +97,48 @@ def test_specks_are_removed_and_lesions_reported():
     assert report["min_lesion_area_px"] == min_lesion_area(g, PostprocessConfig(), S)
     bx = strong["bbox"]
     assert mask[bx["y"]:bx["y"] + bx["height"], bx["x"]:bx["x"] + bx["width"]].any()
+
+
+def test_without_anatomy_the_anatomical_fields_are_null_with_a_reason():
+    prob = np.zeros((S, S), np.float32)
+    prob[300:320, 300:330] = 0.9
+    report = postprocess(prob[None], _geometry(), 0.5, 1).report
+    assert report["totals"]["count"] == 1
+    assert report["optic_disc"] is None and report["fovea"] is None and report["scale"] is None
+    assert report["eye"] == {"laterality": "unknown", "method": None}
+    assert report["anatomy_reasons"]["optic_disc"] == REASONS[UNAVAILABLE]
+    assert report["retinal_quadrants"] is None and report["etdrs"] is None and report["findings"] is None
+    lesion = report["lesions"][0]
+    for key in ("distance_to_fovea_dd", "distance_to_fovea_um", "area_mm2", "retinal_quadrant", "etdrs_subfield"):
+        assert lesion[key] is None, key
+
+
+def test_lesion_distance_is_to_its_nearest_own_pixel_and_zones_follow_the_report():
+    g = _geometry()  # 1000 x 800, working pixel = 760 / 640 original px
+    prob = np.zeros((S, S), np.float32)
+    prob[300:340, 200:204] = 0.9  # a thin vertical lesion left of the fovea
+    prob[310:316, 420:440] = 0.9  # one right of the fovea, towards the disc
+    # Fovea at working (320, 320), disc at (560, 300): a right eye (disc on the photo's right), DD 100 working px.
+    anatomy = Anatomy(560.0, 300.0, 100.0, 0.9, FOUND, 320.0, 320.0, 0.8, FOUND)
+    result = postprocess(prob[None], g, 0.5, 1, anatomy=anatomy)
+    report = json.loads(json.dumps(result.report))
+    assert report["eye"]["laterality"] == "right"
+    fx, fy = report["fovea"]["center"]["x"], report["fovea"]["center"]["y"]
+    dd = report["optic_disc"]["diameter_px"]
+    mask = _decode(result.mask_png) > 0
+    count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    assert count - 1 == report["totals"]["count"] == 2
+    for lesion in report["lesions"]:
+        b = lesion["bbox"]
+        label = labels[b["y"] + b["height"] // 2, b["x"]:b["x"] + b["width"]].max()
+        ys, xs = np.nonzero(labels == label)
+        nearest = np.sqrt((xs - fx) ** 2 + (ys - fy) ** 2).min()
+        assert lesion["distance_to_fovea_dd"] == pytest.approx(nearest / dd, abs=1e-3)
+        assert lesion["distance_to_fovea_um"] == pytest.approx(nearest * 1800 / dd, abs=0.1)
+    left, right = sorted(report["lesions"], key=lambda les: les["centroid"]["x"])
+    assert right["retinal_quadrant"].endswith("nasal") and left["retinal_quadrant"].endswith("temporal")
+    assert sum(z["count"] for z in report["etdrs"].values()) == 2
+    assert sum(z["count"] for z in report["retinal_quadrants"].values()) == 2
 
 
 def test_nothing_outside_the_field_of_view():

@@ -1,9 +1,10 @@
 """Triton adapter for fundus_hemorrhage.postprocessing:
-PROBABILITY, THRESHOLD, MODEL_VERSION, GEOMETRY, ERROR -> MASK, LESIONS, PROBABILITY_PNG per photo.
+PROBABILITY, THRESHOLD, MODEL_VERSION, GEOMETRY, ERROR, ANATOMY -> MASK, LESIONS, PROBABILITY_PNG per photo.
 
 Each photo is thresholded at the THRESHOLD that came with its probabilities, and its report names the
 MODEL_VERSION that produced them: nothing is looked up on disk. PROBABILITY_PNG is computed only when the request
-carries the parameter `probability` = true; otherwise it is an empty string.
+carries the parameter `probability` = true; otherwise it is an empty string. ANATOMY (the optic disc and fovea
+that preprocess found on the working grid) places the lesions in the retinal frame (report schema 2.0).
 """
 
 import json
@@ -13,6 +14,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from fundus_hemorrhage import contract as c
+from fundus_hemorrhage.anatomy_tensor import Anatomy
 from fundus_hemorrhage.geometry import Geometry
 from fundus_hemorrhage.postprocessing import PostprocessConfig, postprocess
 from fundus_hemorrhage.report import error_report
@@ -33,14 +35,14 @@ class TritonPythonModel:
         # The photos of one request are postprocessed in parallel (OpenCV and zlib release the GIL).
         self.pool = ThreadPoolExecutor(int(params.get("threads", "2")))
 
-    def _one(self, i, probability, threshold, version, geometry, error, with_probability):
+    def _one(self, i, probability, threshold, version, geometry, anatomy, error, with_probability):
         """(mask PNG, report, probability PNG) for photo i; never raises."""
         error = error.decode() if isinstance(error, bytes) else str(error)
         if error:
             return b"", error_report(i, error), b""
         try:
             result = postprocess(probability, Geometry.from_vector(geometry), float(threshold[0]), int(version[0]),
-                                 self.config, with_probability)
+                                 self.config, with_probability, Anatomy.from_vector(anatomy))
         except Exception as exc:  # never let one photo fail the request
             self.logger.log_error(f"postprocess: image {i} failed: {exc!r}")
             return b"", error_report(i, f"image {i}: postprocessing failed ({type(exc).__name__})"), b""
@@ -51,7 +53,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             inputs = [pb_utils.get_input_tensor_by_name(request, name).as_numpy()
-                      for name in (c.PROBABILITY, c.THRESHOLD, c.MODEL_VERSION, c.GEOMETRY)]
+                      for name in (c.PROBABILITY, c.THRESHOLD, c.MODEL_VERSION, c.GEOMETRY, c.ANATOMY)]
             errors = pb_utils.get_input_tensor_by_name(request, c.ERROR).as_numpy().reshape(-1)
             with_probability = wants_probability(request)
             masks, reports, probabilities = zip(*self.pool.map(

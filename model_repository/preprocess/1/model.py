@@ -1,4 +1,6 @@
-"""Triton adapter for fundus_hemorrhage.preprocessing: IMAGE [N, 1] bytes -> PIXELS, GEOMETRY, ERROR per photo.
+"""Triton adapter for fundus_hemorrhage.preprocessing: IMAGE [N, 1] bytes -> PIXELS, GEOMETRY, ERROR per photo,
+and ANATOMY: the optic disc and fovea on the working grid (fundus_hemorrhage.anatomy), one detector call on the
+request's readable photos.
 
 A photo that cannot be read gets zero PIXELS and its reason in ERROR, so that the others in the same
 request are still processed; a request in which no photo can be read fails with INVALID_ARG, and so does a
@@ -14,6 +16,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from fundus_hemorrhage import contract as c
+from fundus_hemorrhage.anatomy import AnatomyDetector, anatomy_rows
 from fundus_hemorrhage.preprocessing import ImageError, PreprocessConfig, preprocess
 
 
@@ -35,7 +38,10 @@ class TritonPythonModel:
         # then uses every core, not one.
         self.pool = ThreadPoolExecutor(int(params.get("threads", "2")))
         self.dtypes = {name: pb_utils.triton_string_to_numpy(
-            pb_utils.get_output_config_by_name(model_config, name)["data_type"]) for name in (c.PIXELS, c.GEOMETRY)}
+            pb_utils.get_output_config_by_name(model_config, name)["data_type"])
+            for name in (c.PIXELS, c.GEOMETRY, c.ANATOMY)}
+        # One ONNX Runtime thread: ~3 ms a photo (perf/results/anatomy-eval.md); the instances are the parallelism.
+        self.anatomy = AnatomyDetector(threads=1)
 
     def _one(self, index, data):
         """(pixels, geometry vector, error text) for one photo; never raises."""
@@ -52,6 +58,14 @@ class TritonPythonModel:
         zeros = np.zeros((3, self.working_size, self.working_size), np.float32)
         return zeros, np.zeros(c.GEOMETRY_LENGTH), f"image {index}: {reason}"
 
+    def _anatomy(self, pixels):
+        """ANATOMY [N, ANATOMY_LENGTH]; a detector failure leaves the landmarks unknown, never fails the photos."""
+        try:
+            return anatomy_rows(self.anatomy, pixels)
+        except Exception as exc:
+            self.logger.log_error(f"preprocess: optic disc and fovea detector failed: {exc!r}")
+            return anatomy_rows(None, pixels)
+
     def execute(self, requests):
         responses = []
         for request in requests:
@@ -67,10 +81,12 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError("; ".join(errors), pb_utils.TritonError.INVALID_ARG)))
                 continue
+            anatomy = self._anatomy([None if e else p for p, e in zip(pixels, errors)])
             responses.append(pb_utils.InferenceResponse([
                 pb_utils.Tensor(c.PIXELS, np.stack(pixels).astype(self.dtypes[c.PIXELS], copy=False)),
                 pb_utils.Tensor(c.GEOMETRY, np.stack(geometry).astype(self.dtypes[c.GEOMETRY], copy=False)),
                 pb_utils.Tensor(c.ERROR, np.array(errors, dtype=np.object_).reshape(-1, 1)),
+                pb_utils.Tensor(c.ANATOMY, anatomy.astype(self.dtypes[c.ANATOMY], copy=False)),
             ]))
         return responses
 

@@ -23,6 +23,7 @@ from .geometry import GEOMETRY_LENGTH
 ENSEMBLE = "hemorrhage_segmentation"
 PREPROCESS = "preprocess"
 SEGMENTATION_MODEL = "unet"
+ROUTER = "unet_router"  # the ensemble's middle step: picks the unet version per request (A/B), calls it
 POSTPROCESS = "postprocess"
 
 MAX_BATCH_SIZE = 16  # photos per request, and the unet's largest dynamic batch
@@ -44,6 +45,10 @@ PROBABILITY_PNG = "PROBABILITY_PNG"
 
 # Request parameter: also return PROBABILITY (round(255 p) as a PNG at the photo's size).
 PROBABILITY_PARAMETER = "probability"
+# Request parameters read by the router (fundus_hemorrhage.routing): pin a unet version; or a pseudonymous
+# patient/study id that keeps its requests on one version while the traffic split is unchanged.
+UNET_VERSION_PARAMETER = "unet_version"
+ROUTING_KEY_PARAMETER = "routing_key"
 
 # 2.0: 1.0's fields plus the clinician's frame (eye, optic_disc, fovea, scale, per-lesion zones, zone tables,
 # findings); documented in the README.

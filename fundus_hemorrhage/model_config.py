@@ -3,7 +3,7 @@ with protobuf's `text_format` and Triton's `model_config_pb2` (shipped with trit
 
     python -m fundus_hemorrhage.model_config --write [--model-repository model_repository]
 
-regenerates the four config.pbtxt files of the repository (the unet keeps its current target, cpu or tensorrt).
+regenerates the config.pbtxt files of the repository (the unet keeps its current target, cpu or tensorrt).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ _HEADERS = {
     c.POSTPROCESS: ["Probability back to the photo's own size, threshold, speck removal, PNG + lesion report",
                     "(fundus_hemorrhage.postprocessing). Threshold and version come with the unet's output;",
                     "the retinal frame (laterality, ETDRS grid, quadrants) from ANATOMY (fundus_hemorrhage.retinal_frame)."],
+    c.ROUTER: ["Picks the unet version of each request (pin, sticky routing_key, traffic split) and calls it (BLS);",
+               "same outputs as unet (fundus_hemorrhage.routing). Change the split with fundus_hemorrhage.serving.traffic."],
     "cpu": ["U-Net on the CPU: ONNX Runtime inside the Python backend (the pip-installed Triton has no",
             "onnxruntime backend). build_engines.py --target tensorrt writes the GPU variant (tensorrt_plan)."],
     "tensorrt": ["U-Net on the GPU: a TensorRT FP16 plan (model.plan), written by build_engines.py --target tensorrt.",
@@ -74,7 +76,7 @@ def ensemble_config() -> ModelConfig:
     steps = [
         (c.PREPROCESS, {c.IMAGE: c.IMAGE},
          {c.PIXELS: "pixels", c.GEOMETRY: "geometry", c.ERROR: "image_error", c.ANATOMY: "anatomy"}),
-        (c.SEGMENTATION_MODEL, {c.PIXELS: "pixels"},
+        (c.ROUTER, {c.PIXELS: "pixels"},
          {c.PROBABILITY: "probability", c.THRESHOLD: "threshold", c.MODEL_VERSION: "model_version"}),
         (c.POSTPROCESS, {c.PROBABILITY: "probability", c.THRESHOLD: "threshold", c.MODEL_VERSION: "model_version",
                          c.GEOMETRY: "geometry", c.ERROR: "image_error", c.ANATOMY: "anatomy"},
@@ -103,6 +105,20 @@ def postprocess_config(working_size: int = c.WORKING_SIZE, instances: int = 2) -
                      "output": [_tensor(n, STRING, [1]) for n in (c.MASK, c.LESIONS, c.PROBABILITY_PNG)],
                      "instance_group": [{"kind": pb.ModelInstanceGroup.KIND_CPU, "count": instances}],
                      "parameters": {"min_lesion_working_px": 2}})
+
+
+def router_config(working_size: int = c.WORKING_SIZE, *, traffic: str = "", shadow_version: int | None = None,
+                  shadow_rate: float = 0.0, instances: int = 2) -> ModelConfig:
+    """The `unet_router` model (Python backend): same I/O as unet; `traffic` "3:90,2:10" ("" = the newest
+    version), optional shadow version and its sampled share of requests (fundus_hemorrhage.routing)."""
+    parameters = {"traffic": traffic, "min_lesion_working_px": 2}
+    if shadow_version is not None:
+        parameters.update(shadow_version=shadow_version, shadow_rate=shadow_rate)
+    return _message({"name": c.ROUTER, "backend": "python", "max_batch_size": c.MAX_BATCH_SIZE,
+                     "input": [_pixels(working_size)], "output": _unet_outputs(working_size),
+                     "dynamic_batching": {"max_queue_delay_microseconds": 0},
+                     "instance_group": [{"kind": pb.ModelInstanceGroup.KIND_CPU, "count": instances}],
+                     "parameters": parameters})
 
 
 def unet_config(target: str = "cpu", working_size: int = c.WORKING_SIZE, max_batch_size: int = c.MAX_BATCH_SIZE, *,
@@ -175,6 +191,7 @@ def repository_configs(unet_target_: str = "cpu") -> dict[str, tuple[ModelConfig
     return {c.ENSEMBLE: (ensemble_config(), _HEADERS[c.ENSEMBLE]),
             c.PREPROCESS: (preprocess_config(), _HEADERS[c.PREPROCESS]),
             c.SEGMENTATION_MODEL: (unet_config(unet_target_), _HEADERS[unet_target_]),
+            c.ROUTER: (router_config(), _HEADERS[c.ROUTER]),
             c.POSTPROCESS: (postprocess_config(), _HEADERS[c.POSTPROCESS])}
 
 

@@ -30,7 +30,7 @@ def test_committed_configs_are_the_generated_ones():
 
 
 def test_the_ensemble_steps_fit_the_models_they_call():
-    configs = {name: read_config(REPOSITORY / name) for name in (c.PREPROCESS, c.SEGMENTATION_MODEL, c.POSTPROCESS)}
+    configs = {name: read_config(REPOSITORY / name) for name in (c.PREPROCESS, c.ROUTER, c.POSTPROCESS)}
     ensemble = read_config(REPOSITORY / c.ENSEMBLE)
     produced = {t.name: (t.data_type, list(t.dims)) for t in ensemble.input}  # ensemble tensor -> type, dims
     for step in ensemble.ensemble_scheduling.step:

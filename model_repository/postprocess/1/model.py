@@ -16,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 from fundus_hemorrhage import contract as c
 from fundus_hemorrhage.anatomy_tensor import Anatomy
 from fundus_hemorrhage.geometry import Geometry
+from fundus_hemorrhage.metrics import LesionMetrics
 from fundus_hemorrhage.postprocessing import PostprocessConfig, postprocess
 from fundus_hemorrhage.report import error_report
 
@@ -34,6 +35,7 @@ class TritonPythonModel:
             params.get("min_lesion_working_px", PostprocessConfig.min_lesion_working_px)))
         # The photos of one request are postprocessed in parallel (OpenCV and zlib release the GIL).
         self.pool = ThreadPoolExecutor(int(params.get("threads", "2")))
+        self.lesion_metrics = LesionMetrics()  # per-version lesion count and area histograms on /metrics
 
     def _one(self, i, probability, threshold, version, geometry, anatomy, error, with_probability):
         """(mask PNG, report, probability PNG) for photo i; never raises."""
@@ -59,6 +61,8 @@ class TritonPythonModel:
             masks, reports, probabilities = zip(*self.pool.map(
                 lambda i: self._one(i, *(x[i] for x in inputs), errors[i], with_probability),
                 range(len(errors))))
+            for report in reports:
+                self.lesion_metrics.record(report)
             responses.append(pb_utils.InferenceResponse([
                 pb_utils.Tensor(c.MASK, np.array(masks, dtype=np.object_).reshape(-1, 1)),
                 pb_utils.Tensor(c.LESIONS, np.array([json.dumps(r).encode() for r in reports],

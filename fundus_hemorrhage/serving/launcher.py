@@ -34,6 +34,7 @@ from .drain import Drain, drain
 from .http_proxy import BODY_HEADROOM, HttpProxy, find_haproxy, free_loopback_port
 from .process import TritonProcess, become_subreaper, describe_exit, reap_orphans
 from .supervisor import Supervisor
+from .updates import repository_state
 from .watchdog import python_stubs, remove_shm
 
 log = logging.getLogger(__name__)
@@ -211,9 +212,10 @@ def serve(args: argparse.Namespace, work_dir: Path) -> int:
     try:
         if proxy is not None:
             proxy.start()
+        loaded = repository_state(args.model_repository)
         triton.start()
         stop = Drain(admin, triton, c.ENSEMBLE, args.exit_timeout, admin_lock).install()
-        return run(args, triton, admin, admin_lock, stop, host, proxy)
+        return run(args, triton, admin, admin_lock, stop, host, proxy, loaded)
     except RuntimeError as exc:  # the proxy could not start
         print(f"serve.py: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -226,7 +228,7 @@ def serve(args: argparse.Namespace, work_dir: Path) -> int:
 
 
 def run(args: argparse.Namespace, triton: TritonProcess, admin: Admin, admin_lock: threading.Lock, stop: Drain,
-        host: str, proxy: HttpProxy | None) -> int:
+        host: str, proxy: HttpProxy | None, loaded: dict) -> int:
     """Look after tritonserver generation by generation: wait until ready, supervise, and start it again (with
     backoff) when it dies, or recycle it when the watchdog says it holds a dead generation. Returns the exit
     code: 0 after a drain, 1 if the first start fails."""
@@ -261,7 +263,7 @@ def run(args: argparse.Namespace, triton: TritonProcess, admin: Admin, admin_loc
             if (args.watchdog_interval > 0 or args.poll_interval > 0) and not stop.stopping():
                 supervisor = Supervisor(admin, args.model_repository, triton.pid, args.watchdog_interval,
                                         args.poll_interval, generation_over, admin_lock,
-                                        on_leak=lambda reason: recycle.set())
+                                        on_leak=lambda reason: recycle.set(), loaded=loaded)
                 supervisor.start()
         stubs = {s.shm_region for s in python_stubs(triton.pid)}
         while triton.poll() is None and ready and not recycle.is_set():
@@ -296,6 +298,7 @@ def run(args: argparse.Namespace, triton: TritonProcess, admin: Admin, admin_loc
             return 0
         cleanup_generation(stubs)
         log.info("starting tritonserver again%s", f" (after {delay} s; crash {crashes} in a row)" if crashes else "")
+        loaded = repository_state(args.model_repository)
         triton.start()
 
 

@@ -158,19 +158,31 @@ def served_model_config(config: dict | None) -> ModelConfig | None:
 
 # ---------------------------------------------------------------------------------------------------- executor
 
+def model_names(repository: Path) -> list[str]:
+    return sorted(d.name for d in repository.iterdir() if (d / "config.pbtxt").is_file())
+
+
+def repository_state(repository: Path) -> dict[str, Fingerprint]:
+    """Every model folder's fingerprint, by model name."""
+    return {m: fingerprint(repository / m) for m in model_names(repository)}
+
+
 class UpdatePoller:
     """poll(): for each model whose folder changed and then stayed the same for one poll interval (a copy in
     progress is left to finish), plan the update and apply it through Admin."""
 
     def __init__(self, admin: Admin, repository: Path, on_load: Callable[[], None] = lambda: None,
-                 validate: Callable[[Path, ModelConfig | None], str | None] = validate_version):
+                 validate: Callable[[Path, ModelConfig | None], str | None] = validate_version,
+                 loaded: dict[str, Fingerprint] | None = None):
         self.admin, self.repository, self.on_load, self.validate = admin, repository, on_load, validate
-        self.loaded = {m: fingerprint(repository / m) for m in self.models()}  # what Triton was last asked to serve
+        # What Triton was last asked to serve: `loaded` is the state taken before tritonserver started (a folder
+        # added while it loaded is then new to the poller, not taken for loaded).
+        self.loaded = dict(loaded) if loaded is not None else repository_state(repository)
         self.pending: dict[str, Fingerprint] = {}  # a change seen once, waiting to settle
         self.refused: dict[tuple[str, int], tuple[tuple, str]] = {}  # (model, version) -> (its files, reason)
 
     def models(self) -> list[str]:
-        return sorted(d.name for d in self.repository.iterdir() if (d / "config.pbtxt").is_file())
+        return model_names(self.repository)
 
     def poll(self) -> None:
         for model in self.models():

@@ -15,6 +15,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet -r requirements.txt
 	# HAProxy for the two-replica load-balancer test; checkov in its own venv (it pins old packaging/networkx)
 	command -v haproxy >/dev/null || (apt-get update -qq && apt-get install -y -qq haproxy)
+	# headless Chromium for the test that opens segment.py's index.html (tests/test_client.py)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 	test -x $(VENV)/checkov/bin/checkov || $(PYTHON) -m venv $(VENV)/checkov
 	$(VENV)/checkov/bin/pip install --quiet checkov==3.3.30
 	# the project's packages (fundus_hemorrhage, training, perf), editable: importable from any folder

@@ -12,10 +12,16 @@ PATH is a photo or a folder; folders are searched recursively for .jpg .jpeg .pn
 For each photo, DIR receives (<stem> is the file name without extension; if two photos share a stem, the
 extension, then a counter, is appended to keep their outputs apart):
   <stem>_mask.png         8-bit mask at the photo's own size: 255 = haemorrhage, 0 = background
-  <stem>_overlay.png      the photo with the lesion outlines drawn in cyan
-  <stem>_lesions.json     the lesion report (lesions, totals, quadrants, field of view, model, threshold),
+  <stem>_overlay.png      the photo with the lesions outlined, coloured by ETDRS zone (red central subfield,
+                          orange inner ring, yellow outer ring, cyan outside the grid), the ETDRS grid around
+                          the fovea (0.5, 1.5, 3 mm radii, 1 disc diameter taken as 1.8 mm), the optic disc
+                          outline, the fovea and a legend; without a retinal frame, cyan outlines and the reason
+  <stem>_thumb.jpg        a small copy of the overlay, for index.html
+  <stem>_lesions.json     the lesion report (schema 2.0: lesions, totals, field of view, model, threshold, eye,
+                          optic disc, fovea, scale, retinal quadrants, ETDRS subfields, findings),
                           or for a photo that failed {"status": "error", "error": reason}
   <stem>_probability.png  with --probability: round(255 * p) per pixel
+and once per run index.html: every photo with its thumbnail, counts per zone and findings, linking its files.
 Pixels follow the photo as stored: EXIF orientation is reported in the JSON, not applied.
 
 At the end a table lists every photo: status, lesion count, total lesion area (pixels and % of the
@@ -44,10 +50,12 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fundus_hemorrhage import client as service  # noqa: E402
+from fundus_hemorrhage import overlay as drawing  # noqa: E402
 from fundus_hemorrhage.contract import MAX_BATCH_SIZE  # noqa: E402
+from fundus_hemorrhage.report_index import THUMBNAIL_WIDTH, write_index  # noqa: E402
 
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
-OUTLINE_BGR = (255, 255, 0)  # cyan: stands out on the red-orange fundus
+OUTLINE_BGR = drawing.UNZONED_BGR  # cyan: stands out on the red-orange fundus
 _PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 1]
 
 
@@ -167,9 +175,11 @@ def finish_one(result: PhotoOutput, output: Path, photo_bytes: bytes | None = No
 
 # ----------------------------------------------------------------------------------------------- outputs
 
+OUTPUT_KINDS = {"mask": "png", "overlay": "png", "thumb": "jpg", "lesions": "json", "probability": "png"}
+
+
 def output_paths(output: Path, name: str) -> dict[str, Path]:
-    return {kind: output / f"{name}_{kind}.{'json' if kind == 'lesions' else 'png'}"
-            for kind in ("mask", "overlay", "lesions", "probability")}
+    return {kind: output / f"{name}_{kind}.{ext}" for kind, ext in OUTPUT_KINDS.items()}
 
 
 def write_file(path: Path, data: bytes) -> None:
@@ -189,7 +199,7 @@ def write_outputs(result: PhotoOutput, output: Path, photo_bytes: bytes | None =
     report = dict(result.report, source=str(result.photo.path))
     write_file(paths["lesions"], (json.dumps(report, indent=2) + "\n").encode())
     if not result.ok:  # don't leave an earlier run's mask next to a report that says "error"
-        for kind in ("mask", "overlay", "probability"):
+        for kind in ("mask", "overlay", "thumb", "probability"):
             paths[kind].unlink(missing_ok=True)
         return
     write_file(paths["mask"], result.mask)
@@ -198,9 +208,10 @@ def write_outputs(result: PhotoOutput, output: Path, photo_bytes: bytes | None =
     if photo_bytes is None:
         photo_bytes = result.photo.path.read_bytes()
     try:
-        overlay = draw_overlay(photo_bytes, result.mask)
+        overlay = draw_overlay(photo_bytes, result.mask, report=result.report)
     except ValueError as exc:
         paths["overlay"].unlink(missing_ok=True)
+        paths["thumb"].unlink(missing_ok=True)
         result.notes.append(f"no overlay: {exc}")
         return
     ok, buf = cv2.imencode(".png", overlay, _PNG_FAST)
@@ -208,6 +219,11 @@ def write_outputs(result: PhotoOutput, output: Path, photo_bytes: bytes | None =
         result.notes.append("no overlay: PNG encoding failed")
         return
     write_file(paths["overlay"], buf.tobytes())
+    scale = min(1.0, THUMBNAIL_WIDTH / overlay.shape[1])
+    thumb = cv2.resize(overlay, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", thumb, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    if ok:
+        write_file(paths["thumb"], buf.tobytes())
 
 
 def decode_photo(photo_bytes: bytes) -> np.ndarray:
@@ -219,30 +235,27 @@ def decode_photo(photo_bytes: bytes) -> np.ndarray:
     return image
 
 
-def outline_thickness(shape: tuple[int, ...]) -> int:
-    return max(2, int(round(max(shape[:2]) / 1000)))
-
-
-def draw_overlay(photo_bytes: bytes, mask_png: bytes, colour: tuple[int, int, int] = OUTLINE_BGR) -> np.ndarray:
-    """The photo at full size with each lesion outlined just outside its edge (the lesion stays visible)."""
+def draw_overlay(photo_bytes: bytes, mask_png: bytes, colour: tuple[int, int, int] = OUTLINE_BGR,
+                 report: dict | None = None) -> np.ndarray:
+    """The photo at full size with each lesion outlined just outside its edge (the lesion stays visible); with
+    the report, coloured by ETDRS zone with the grid, disc, fovea and legend (fundus_hemorrhage.overlay)."""
     image = decode_photo(photo_bytes)
     mask = cv2.imdecode(np.frombuffer(mask_png, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
     if mask is None:
         raise ValueError("the mask could not be decoded")
-    if mask.shape != image.shape[:2]:
-        raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the photo decodes as "
-                         f"{image.shape[1]}x{image.shape[0]}")
-    contours, _ = cv2.findContours((mask > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    if not contours:
-        return image
-    lesion = mask > 0
-    original = image[lesion]
-    cv2.drawContours(image, contours, -1, colour, thickness=2 * outline_thickness(image.shape), lineType=cv2.LINE_8)
-    image[lesion] = original  # keep the inner half of the stroke off the lesion itself
-    return image
+    return drawing.draw_overlay(image, mask, report, colour)
 
 
 # ----------------------------------------------------------------------------------------------- summary
+
+def index_row(result: PhotoOutput, output: Path) -> dict:
+    """One photo's row of index.html: its name, report, error and the files of it that exist."""
+    paths = output_paths(output, result.photo.name)
+    files = {kind: path.name for kind, path in paths.items() if result.ok and path.exists()}
+    files["lesions"] = paths["lesions"].name
+    return {"name": result.photo.path.name, "ok": result.ok, "error": result.error, "report": result.report,
+            "files": files, "notes": result.notes}
+
 
 def summary_table(results: list[PhotoOutput]):
     from rich.table import Table
@@ -360,12 +373,16 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     results.sort(key=lambda r: r.photo.index)
+    try:
+        index = write_index(args.output, [index_row(r, args.output) for r in results])
+    except OSError as exc:
+        index = f"not written ({exc.strerror or exc})"
     console = Console() if sys.stdout.isatty() else Console(width=160)
     console.print(summary_table(results))
     failures = sum(not r.ok for r in results)
     console.print(f"{len(results) - failures} of {len(results)} photos segmented"
                   + (f", [red]{failures} failed[/red]" if failures else "")
-                  + f"; outputs in {escape(str(args.output))}")
+                  + f"; outputs in {escape(str(args.output))}, overview: {escape(str(index))}")
     return 1 if failures else 0
 
 

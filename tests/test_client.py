@@ -205,3 +205,127 @@ def test_draw_overlay_outlines_lesions_outside_their_edge():
     assert np.array_equal(empty, photo)
     with pytest.raises(ValueError):
         segment.draw_overlay(photo_png, cv2.imencode(".png", mask[:100])[1].tobytes())
+
+
+def test_overlay_draws_the_etdrs_grid_disc_fovea_and_zone_colours():
+    from fundus_hemorrhage import overlay
+
+    photo = np.full((1000, 1400, 3), 60, np.uint8)
+    mask = np.zeros((1000, 1400), np.uint8)
+    mask[495:506, 695:706] = 255  # on the fovea: central subfield
+    mask[200:221, 1200:1221] = 255  # far from it: outside the grid
+    report = {
+        "image": {"width": 1400, "height": 1000, "exif_orientation": 1},
+        "eye": {"laterality": "right", "method": "disc_fovea_axis"},
+        "optic_disc": {"center": {"x": 1150.0, "y": 500.0}, "diameter_px": 180.0, "confidence": 0.9},
+        "fovea": {"center": {"x": 700.0, "y": 500.0}, "confidence": 0.9, "method": "detected"},
+        "scale": {"disc_diameter_px": 180.0, "disc_diameter_um": 1800.0, "um_per_px": 10.0},
+        "lesions": [
+            {"id": 1, "bbox": {"x": 1200, "y": 200, "width": 21, "height": 21}, "area_px": 441,
+             "etdrs_subfield": "outside"},
+            {"id": 2, "bbox": {"x": 695, "y": 495, "width": 11, "height": 11}, "area_px": 121,
+             "etdrs_subfield": "central"},
+        ],
+        "etdrs": {"central": {"count": 1}, "outside": {"count": 1}},
+    }
+    out = overlay.draw_overlay(photo, mask, report)
+    assert out.shape == photo.shape and np.array_equal(out[mask > 0], photo[mask > 0])
+    # 10 um per pixel: ETDRS circles of radius 50, 150 and 300 px around the fovea (700, 500); the disc's rim at
+    # 90 px around (1150, 500); each lesion's outline in its zone's colour.
+    for x in (700 - 150, 700 + 300, 700 - 300):
+        assert tuple(out[500, x]) == overlay.GRID_BGR, x
+    assert tuple(out[500 + 90, 1150]) == overlay.DISC_BGR
+    assert tuple(out[493, 700]) == overlay.ZONE_COLOURS["central"]
+    assert tuple(out[198, 1210]) == overlay.ZONE_COLOURS["outside"]
+    assert not np.array_equal(out[10:60, 10:200], photo[10:60, 10:200])  # the legend
+    rows = [text for _, text in overlay.legend_lines(report)]
+    assert "Eye: right" in rows and any(text.startswith("central subfield") and text.endswith(": 1") for text in rows)
+    # Without a retinal frame: plain outlines and the reason in the legend.
+    no_frame = {"lesions": [], "anatomy_reasons": {"optic_disc": "not confident: no optic disc"}}
+    assert any("no optic disc" in text for _, text in overlay.legend_lines(no_frame))
+
+
+def test_index_escapes_text_and_links_relatively():
+    from fundus_hemorrhage.report_index import render_index
+
+    name = '<script>alert("x")</script> & #1.jpg'
+    html = render_index([{"name": name, "ok": False, "error": "<b>bad</b>", "report": {}, "files": {
+        "lesions": f"{name}_lesions.json"}}])
+    assert "<script>" not in html and "<b>bad</b>" not in html
+    assert "&lt;script&gt;" in html and "&lt;b&gt;bad&lt;/b&gt;" in html
+    assert 'href="%3Cscript%3Ealert%28%22x%22%29%3C%2Fscript%3E%20%26%20%231.jpg_lesions.json"' in html
+
+
+def chromium(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    import shutil
+    import tempfile
+
+    browser = shutil.which("chromium")
+    if browser is None:
+        pytest.skip("chromium is not installed (make install installs it)")
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                               "--no-first-run", f"--user-data-dir={profile}", *args],
+                              capture_output=True, text=True, timeout=timeout)
+
+
+CHECK_IMAGES = """<script>
+window.addEventListener("load", () => {
+  const out = document.createElement("pre");
+  out.id = "image-check";
+  out.textContent = Array.from(document.images).map(i => i.complete + ":" + i.naturalWidth).join(" ");
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def test_index_html_renders_in_a_headless_browser(triton_server, tmp_path):
+    """segment.py's index.html for a batch (the samples, a photo whose name needs escaping, an unreadable one)
+    opened in a real headless Chromium: every photo has its row, every thumbnail loads, the page is not blank."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in SAMPLE_PHOTOS:
+        (folder / photo.name).symlink_to(photo)
+    (folder / "Ünal <&> #2 100%.jpg").write_bytes(SAMPLE_PHOTOS[0].read_bytes())  # a copy: links are deduplicated
+    (folder / "garbage.jpg").write_bytes(GARBAGE)
+    out = tmp_path / "out"
+    proc = run_segment(folder, "--output", out, "--url", triton_server.grpc_url, "--batch-size", "4")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    index = out / "index.html"
+    assert index.is_file() and "index.html" in proc.stdout
+    names = sorted(p.name for p in folder.iterdir())
+    html = index.read_text(encoding="utf-8")
+    assert "Ünal &lt;&amp;&gt; #2 100%.jpg" in html and "<&>" not in html
+    # The same page with a script that records, once loaded, whether each image loaded and its natural width.
+    check = out / "index_check.html"
+    check.write_text(html.replace("</body>", CHECK_IMAGES + "</body>"), encoding="utf-8")
+    dom = chromium("--virtual-time-budget=10000", "--dump-dom", check.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    from html.parser import HTMLParser
+
+    class Rows(HTMLParser):
+        names, check = [], ""
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "tr" and attrs.get("class") == "photo":
+                self.names.append(attrs["data-name"])
+
+        def handle_data(self, data):
+            if self.lasttag == "pre":
+                self.check += data
+
+    parsed = Rows()
+    parsed.feed(dom.stdout)
+    assert sorted(parsed.names) == names
+    loaded = parsed.check.split()
+    assert len(loaded) == len(names) - 1  # a thumbnail per segmented photo, none for the unreadable one
+    assert all(state.startswith("true:") and int(state.split(":")[1]) > 0 for state in loaded), loaded
+    # The page itself, as a screenshot: not blank.
+    shot = tmp_path / "index.png"
+    result = chromium("--window-size=1400,1200", f"--screenshot={shot}", index.as_uri())
+    assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
+    pixels = cv2.imread(str(shot), cv2.IMREAD_COLOR)
+    assert pixels is not None and pixels.std() > 10
+    assert np.count_nonzero(np.any(pixels < 200, axis=2)) > 0.05 * pixels.shape[0] * pixels.shape[1]

@@ -10,7 +10,9 @@ step can place the probability map at the photo's own resolution.
 
 from __future__ import annotations
 
+import base64
 import io
+import re
 from dataclasses import dataclass
 
 import cv2
@@ -18,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .contract import WORKING_SIZE
+from .file_structure import ORIENTATION_TAG, jpeg_end, png_end, png_exif, tiff_as_stored
 from .geometry import Geometry
 from .jpeg import CorruptScanData, decode_bgr, decode_reduction
 
@@ -59,23 +62,80 @@ def sniff_format(data: bytes) -> str | None:
     return next((fmt for sig, fmt in _SIGNATURES.items() if data.startswith(sig)), None)
 
 
+# The base64 text of each signature, as far as its characters depend on the signature alone ("/9j/" for JPEG,
+# "iVBORw0KGg" for PNG, "SUkqA"/"TU0AK" for TIFF, "Qk" for BMP), in the standard and the URL-safe alphabet.
+_BASE64_SIGNATURES = {encoded.translate(table): fmt for sig, fmt in _SIGNATURES.items()
+                      for encoded in [base64.b64encode(sig)[: len(sig) * 8 // 6]]
+                      for table in (None, bytes.maketrans(b"+/", b"-_"))}
+_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/\-_=\s]+")
+
+
+def base64_image(data: bytes) -> str | None:
+    """The format whose base64 text (or data: URL) the bytes are, e.g. "JPEG"; None when they are not."""
+    head = data[:256].lstrip()
+    if head[:5].lower() == b"data:":
+        _, _, head = head.partition(b",")
+    if not _BASE64_TEXT.fullmatch(head):
+        return None
+    return next((fmt for sig, fmt in _BASE64_SIGNATURES.items() if head.startswith(sig)), None)
+
+
+def _unidentified(data: bytes) -> ImageError:
+    fmt = sniff_format(data)
+    if fmt:
+        return ImageError(f"damaged {fmt} file: its header cannot be read")
+    encoded = base64_image(data)
+    if encoded:
+        # The KServe v2 JSON protocol takes a BYTES element's string as the bytes themselves; base64 is not decoded.
+        text = "a data: URL (base64 text)" if data.lstrip()[:5].lower() == b"data:" else "base64 text"
+        return ImageError(f"not an image file: the bytes are {text} of a {encoded} file, not the file itself "
+                          f"(a JSON request's \"data\" strings are taken as raw bytes: send the photo's bytes with "
+                          f"the binary tensor extension, as a raw body, or over gRPC)")
+    return ImageError("not an image file: the bytes match no known image format")
+
+
+def _stored_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) as stored. Pillow reports a TIFF with orientation 5-8 at its displayed size."""
+    if im.format == "TIFF":
+        return int(im.tag_v2[256]), int(im.tag_v2[257])  # ImageWidth, ImageLength of the first image
+    return im.size
+
+
+def _png_orientation(payload: bytes | None) -> object:
+    exif = Image.Exif()
+    try:
+        exif.load(payload or b"")
+    except Exception:  # a damaged eXIf chunk: its orientation is ignored, as an invalid value is
+        return 1
+    return exif.get(ORIENTATION_TAG, 1)
+
+
+def _orientation(im: Image.Image, data: bytes) -> int:
+    """The EXIF orientation tag, 1..8; 1 when absent or invalid (not a valid EXIF orientation: ignored)."""
+    if im.format in ("JPEG", "MPO", "TIFF"):  # APP1 EXIF / IFD0: read by Pillow without decoding pixels
+        value = im.getexif().get(ORIENTATION_TAG, 1)
+    elif im.format == "PNG":  # Pillow's PngImageFile.getexif() would decode the whole image to look for eXIf
+        value = _png_orientation(png_exif(data))
+    else:
+        value = 1
+    return value if isinstance(value, int) and value in range(1, 9) else 1
+
+
 def read_header(data: bytes, config: PreprocessConfig) -> tuple[str, int, int, int]:
-    """Format, width, height and EXIF orientation, from the header only (no pixel decoding)."""
+    """Format, width and height as stored, and EXIF orientation, from the header only (no pixel decoding).
+
+    An MPO (a JPEG followed by further pictures, as some cameras write) is read as the JPEG it starts with.
+    """
     if len(data) == 0:
         raise ImageError("empty input: no image bytes")
     if len(data) > config.max_bytes:
         raise ImageError(f"file is {len(data)} bytes, over the limit of {config.max_bytes} bytes")
     try:
         with Image.open(io.BytesIO(data)) as im:
-            fmt, (width, height) = im.format, im.size
-            orientation = int(im.getexif().get(0x0112, 1)) if fmt in ("JPEG", "TIFF") else 1
-        if orientation not in range(1, 9):  # not a valid EXIF orientation: the tag is ignored
-            orientation = 1
+            fmt = "JPEG" if im.format == "MPO" else im.format
+            (width, height), orientation = _stored_size(im), _orientation(im, data)
     except Image.UnidentifiedImageError:
-        fmt = sniff_format(data)
-        if fmt:
-            raise ImageError(f"damaged {fmt} file: its header cannot be read") from None
-        raise ImageError("not an image file: the bytes match no known image format") from None
+        raise _unidentified(data) from None
     except Exception as exc:  # PIL raises many types for damaged headers; all mean the same to the client
         raise ImageError(f"damaged image header ({exc})") from None
     if fmt not in SUPPORTED_FORMATS:
@@ -88,11 +148,11 @@ def read_header(data: bytes, config: PreprocessConfig) -> tuple[str, int, int, i
 
 
 def _check_complete(data: bytes, fmt: str) -> None:
-    # Decoders fill a truncated file with grey and carry on; a half photo must not be graded.
-    tail = data[-65536:]
-    if fmt == "JPEG" and b"\xff\xd9" not in tail:
+    # Decoders fill a truncated file with grey and carry on; a half photo must not be graded. The end is found by
+    # the file's structure, so bytes after it (padding, an appended video or picture) do not matter.
+    if fmt == "JPEG" and jpeg_end(data) is None:
         raise ImageError("truncated JPEG: the end-of-image marker is missing")
-    if fmt == "PNG" and b"IEND" not in tail:
+    if fmt == "PNG" and png_end(data) is None:
         raise ImageError("truncated PNG: the IEND chunk is missing")
 
 
@@ -110,8 +170,9 @@ def decode(data: bytes, config: PreprocessConfig) -> tuple[np.ndarray, float, tu
             bgr = decode_bgr(data, width, height, decode_reduction(width, height, config.working_size))
         except CorruptScanData as exc:  # libjpeg would fill the damage with grey and carry on
             raise ImageError(f"corrupt JPEG data: {exc} (the scan data is damaged)") from None
-    else:
-        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    else:  # OpenCV's TIFF decoder applies the orientation tag in spite of IMREAD_IGNORE_ORIENTATION
+        stored = tiff_as_stored(data) if fmt == "TIFF" else data
+        bgr = cv2.imdecode(np.frombuffer(stored, dtype=np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None:
         raise ImageError(f"corrupt {fmt} data: the decoder could not read the pixels")
     if bgr.dtype != np.uint8:  # defensive: IMREAD_COLOR always yields 8-bit today

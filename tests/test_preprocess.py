@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import struct
 import threading
@@ -84,12 +85,14 @@ def test_exif_orientation_is_reported_not_applied():
 
 def _png(width: int, height: int, idat: bytes | None = b"", iend: bool = True) -> bytes:
     """A PNG whose header claims width x height; the pixel data may be missing or short."""
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-    out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    out = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
     if idat is not None:
-        out += chunk(b"IDAT", zlib.compress(idat))
-    return out + (chunk(b"IEND", b"") if iend else b"")
+        out += _png_chunk(b"IDAT", zlib.compress(idat))
+    return out + (_png_chunk(b"IEND", b"") if iend else b"")
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
 @pytest.mark.parametrize("data,reason", [
@@ -201,6 +204,23 @@ def _stray_bytes_before(marker: bytes, count: int, fill: bytes = b"\x00") -> byt
     return data[:i] + fill * count + data[i:]
 
 
+def _with_thumbnail() -> bytes:
+    """A photo whose APP1 segment carries a small JPEG (as an EXIF thumbnail does), end-of-image marker included."""
+    thumbnail = encode(cv2.resize(synthetic_fundus(900, 700)[0], (160, 120)))
+    app1 = b"Exif\x00\x00" + thumbnail
+    data = _jpeg()
+    return data[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + data[2:]
+
+
+def _mpo() -> bytes:
+    """An MPO (as some cameras write): a JPEG followed by a second picture, announced in an APP2 MP index."""
+    first, second = (Image.fromarray(cv2.cvtColor(synthetic_fundus(900, 700, seed=s)[0], cv2.COLOR_BGR2RGB))
+                     for s in (0, 1))
+    buf = io.BytesIO()
+    first.save(buf, "MPO", save_all=True, append_images=[second])
+    return buf.getvalue()
+
+
 def _bomb() -> bytes:
     data = _jpeg()
     sof = data.find(b"\xff\xc0")
@@ -216,6 +236,10 @@ CORRUPT_JPEGS = {
     "5000 stray bytes before the end marker": (lambda: _stray_bytes_before(b"\xff\xd9", 5000),
                                                "corrupt JPEG data: 4997 extraneous bytes before marker 0xd9"),
     "truncated (row 4)": (lambda: _jpeg()[:len(_jpeg()) // 2], "truncated JPEG: the end-of-image marker is missing"),
+    "truncated, then 100 kB of zero padding": (lambda: _jpeg()[:len(_jpeg()) // 2] + bytes(100_000),
+                                              "truncated JPEG: the end-of-image marker is missing"),
+    "truncated, its EXIF thumbnail's end marker kept": (lambda: _with_thumbnail()[:len(_with_thumbnail()) // 2],
+                                                        "truncated JPEG: the end-of-image marker is missing"),
     "header only (row 7)": (lambda: _jpeg()[:_scan_start(_jpeg())], "truncated JPEG"),
     "bomb 50000x50000 (row 9)": (_bomb, "image is 50000x50000 = 2500000000 pixels, over the limit of 60000000"),
 }
@@ -255,6 +279,10 @@ GOOD_JPEGS = {
     "EXIF-rotated (row 16)": _exif_rotated,
     "decoded at 1/2 (2600x2000)": lambda: _jpeg(2600, 2000),
     "bytes after the end marker (row 22)": lambda: _jpeg() + b"trailing bytes" * 100,
+    "100 kB of zero padding after the end marker (row 22)": lambda: _jpeg() + bytes(100_000),
+    "100 kB of 0xFF padding after the end marker (row 22)": lambda: _jpeg() + b"\xff" * 100_000,
+    "an EXIF thumbnail with its own end marker": _with_thumbnail,
+    "MPO: a second picture after the end marker": _mpo,
     "2 stray bytes before the end marker": lambda: _stray_bytes_before(b"\xff\xd9", 2),
     "10 stray bytes before the scan header": lambda: _stray_bytes_before(b"\xff\xda", 10, b"\x01"),
     "unknown JFIF revision": _jfif_revision_3,
@@ -339,3 +367,119 @@ def test_a_long_jpeg_decode_does_not_hold_up_other_threads_decodes():
     # Best of 3: a shared CPU may stall the other thread for a while, but a lock stalls it for the whole decode.
     results = [decodes_during_one_long_decode(long, short) for _ in range(3)]
     assert any(count >= 2 and longest_gap < 0.75 for count, longest_gap in results), results
+
+
+# ------------------------------------------------------------------- orientation, trailing bytes, base64
+# Row 16 for every format with an orientation tag: pixels as stored, the tag reported. OpenCV's TIFF decoder applies
+# the tag in spite of IMREAD_IGNORE_ORIENTATION and Pillow reports a TIFF with orientation 5-8 at its displayed size.
+
+def _fundus_rgb() -> np.ndarray:
+    return cv2.cvtColor(synthetic_fundus(800, 600)[0], cv2.COLOR_BGR2RGB)
+
+
+def _pil_bytes(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _gray16(big_endian: bool = False) -> Image.Image:
+    gray = cv2.cvtColor(_fundus_rgb(), cv2.COLOR_RGB2GRAY).astype(np.uint16) * 257
+    return Image.frombytes("I;16B" if big_endian else "I;16", (800, 600),
+                           gray.astype(">u2" if big_endian else "<u2").tobytes())
+
+
+TIFF_KINDS = {
+    "RGB": lambda o: _pil_bytes(Image.fromarray(_fundus_rgb()), "TIFF", tiffinfo={274: o}),
+    "LZW": lambda o: _pil_bytes(Image.fromarray(_fundus_rgb()), "TIFF", tiffinfo={274: o}, compression="tiff_lzw"),
+    "deflate": lambda o: _pil_bytes(Image.fromarray(_fundus_rgb()), "TIFF", tiffinfo={274: o},
+                                    compression="tiff_adobe_deflate"),
+    "CMYK": lambda o: _pil_bytes(Image.fromarray(_fundus_rgb()).convert("CMYK"), "TIFF", tiffinfo={274: o}),
+    "16-bit": lambda o: _pil_bytes(_gray16(), "TIFF", tiffinfo={274: o}),
+    "16-bit big-endian (MM)": lambda o: _pil_bytes(_gray16(big_endian=True), "TIFF", tiffinfo={274: o}),
+    "BigTIFF": lambda o: _pil_bytes(Image.fromarray(_fundus_rgb()), "TIFF", tiffinfo={274: o}, big_tiff=True),
+    "multi-page": lambda o: _pil_bytes(Image.fromarray(_fundus_rgb()), "TIFF", tiffinfo={274: o}, save_all=True,
+                                       append_images=[Image.fromarray(_fundus_rgb()[::-1].copy())]),
+}
+
+
+@pytest.mark.parametrize("kind", TIFF_KINDS)
+def test_tiff_pixels_are_as_stored_and_the_orientation_is_reported(kind):
+    stored, _, header = decode(TIFF_KINDS[kind](1), CONFIG)
+    assert header == ("TIFF", 800, 600, 1) and stored.shape[:2] == (600, 800)
+    for orientation in range(2, 9):
+        bgr, _, header = decode(TIFF_KINDS[kind](orientation), CONFIG)
+        assert header == ("TIFF", 800, 600, orientation), orientation
+        assert np.array_equal(bgr, stored), orientation  # not flipped, rotated or transposed
+    geometry = preprocess(TIFF_KINDS[kind](6)).geometry
+    assert (geometry.width, geometry.height, geometry.exif_orientation) == (800, 600, 6)
+
+
+def test_uncompressed_tiff_decodes_to_its_stored_pixels():
+    bgr, _, _ = decode(TIFF_KINDS["RGB"](6), CONFIG)
+    assert np.array_equal(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), _fundus_rgb())
+
+
+def _png_with_exif(orientation: int, after_idat: bool = False) -> bytes:
+    """A PNG with an eXIf chunk; Pillow writes it before IDAT, the PNG extensions also allow it after."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    if not after_idat:
+        return _pil_bytes(Image.fromarray(_fundus_rgb()), "PNG", exif=exif)
+    data = _pil_bytes(Image.fromarray(_fundus_rgb()), "PNG")
+    iend = data.rindex(b"IEND") - 4
+    return data[:iend] + _png_chunk(b"eXIf", exif.tobytes().removeprefix(b"Exif\x00\x00")) + data[iend:]
+
+
+@pytest.mark.parametrize("after_idat", [False, True], ids=["eXIf before IDAT", "eXIf after IDAT"])
+def test_png_exif_orientation_is_reported_not_applied(after_idat):
+    for orientation in range(1, 9):
+        bgr, _, header = decode(_png_with_exif(orientation, after_idat), CONFIG)
+        assert header == ("PNG", 800, 600, orientation), orientation
+        assert np.array_equal(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), _fundus_rgb()), orientation
+
+
+def test_a_png_with_a_damaged_exif_chunk_is_read_with_orientation_1():
+    data = _pil_bytes(Image.fromarray(_fundus_rgb()), "PNG")
+    iend = data.rindex(b"IEND") - 4
+    _, _, header = decode(data[:iend] + _png_chunk(b"eXIf", b"MM\x00*garbage") + data[iend:], CONFIG)
+    assert header == ("PNG", 800, 600, 1)
+
+
+def test_bytes_after_a_png_iend_are_ignored_and_a_cut_png_is_refused_however_padded():
+    data = encode(synthetic_fundus(900, 700)[0], ".png")
+    for tail in (bytes(100_000), b"\xff" * 100_000, b"trailing bytes" * 10_000):
+        bgr, _, header = decode(data + tail, CONFIG)
+        assert header == ("PNG", 900, 700, 1) and np.array_equal(bgr, decode(data, CONFIG)[0])
+    for tail in (b"", bytes(100_000)):
+        with pytest.raises(ImageError, match="truncated PNG: the IEND chunk is missing"):
+            preprocess(data[: len(data) // 2] + tail)
+
+
+BASE64_PHOTOS = {
+    "JPEG": lambda: base64.b64encode(_jpeg()),
+    "JPEG, URL-safe alphabet": lambda: base64.urlsafe_b64encode(_jpeg()),
+    "JPEG, MIME lines": lambda: base64.encodebytes(_jpeg()),
+    "PNG": lambda: base64.b64encode(encode(synthetic_fundus(900, 700)[0], ".png")),
+    "TIFF": lambda: base64.b64encode(encode(synthetic_fundus(900, 700)[0], ".tif")),
+    "BMP": lambda: base64.b64encode(encode(synthetic_fundus(900, 700)[0], ".bmp")),
+}
+
+
+@pytest.mark.parametrize("case", BASE64_PHOTOS)
+def test_base64_text_is_refused_saying_so(case):
+    fmt = case.split(",")[0]
+    with pytest.raises(ImageError, match=f"not an image file: the bytes are base64 text of a {fmt} file, not the "
+                                         f"file itself .*taken as raw bytes.*binary tensor extension"):
+        preprocess(BASE64_PHOTOS[case]())
+
+
+def test_a_data_url_is_refused_saying_so():
+    with pytest.raises(ImageError, match="not an image file: the bytes are a data: URL \\(base64 text\\) of a JPEG"):
+        preprocess(b"data:image/jpeg;base64," + base64.b64encode(_jpeg()))
+
+
+@pytest.mark.parametrize("text", [b"Qk is how this note starts, and it is not base64!", b"/9j/ not base64 either."])
+def test_text_that_only_starts_like_base64_is_not_called_base64(text):
+    with pytest.raises(ImageError, match="not an image file: the bytes match no known image format"):
+        preprocess(text)

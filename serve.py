@@ -3,7 +3,8 @@
 
     python serve.py [--host 127.0.0.1] [--http-port 8000] [--grpc-port 8001] [--metrics-port 8002]
                     [--model-repository ./model_repository] [--poll-interval 5] [--watchdog-interval 2]
-                    [--max-request-bytes N] [--grpc-tls-cert CERT --grpc-tls-key KEY [--grpc-tls-root-cert CA]]
+                    [--max-request-bytes N] [--no-http-proxy] [--grpc-tls-cert CERT --grpc-tls-key KEY [--grpc-tls-root-cert CA]]
+                    [--traffic "3:90,2:10"]   (A/B split between unet versions: README, A/B testing)
 
 Finds `tritonserver` on PATH (the NGC image) or inside the nvidia-pytriton wheel, prepares the Python
 backend with the stub for the running Python, waits until the server is ready and prints its URLs
@@ -24,6 +25,13 @@ While Triton runs, a supervisor thread
     that fails the check, or that Triton refuses, is not served and the version served before keeps serving
     (fundus_hemorrhage/serving/watchdog.py, updates.py, validation.py).
 
+HTTP goes through HAProxy on --http-port (Triton's HTTP endpoint listens on a loopback port behind it): a
+compressed body (Content-Encoding other than identity) gets 415, a body over --max-request-bytes + 1 MiB 413,
+a chunked body 411; everything else passes through (fundus_hemorrhage/serving/http_proxy.py). --no-http-proxy:
+only behind a reverse proxy of your own that does the same. tritonserver and HAProxy run in their own session
+(a terminal's Ctrl-C reaches serve.py only, which drains) and die with serve.py. If tritonserver dies, or holds
+a stub generation it will never release, serve.py starts it again (back-off 1-30 s; readiness down meanwhile).
+
 Requests carry image bytes only (no file paths). --max-request-bytes bounds the image bytes of one request
 (checked by the preprocess model; Triton 2.51 has no request-size option of its own). --grpc-tls-cert/-key
 serve gRPC over TLS (--grpc-tls-root-cert: mutual TLS). See docs/reliability.md.
@@ -36,7 +44,9 @@ import os
 import sys
 from pathlib import Path
 
+from fundus_hemorrhage.routing import TrafficError, parse_traffic
 from fundus_hemorrhage.serving.launcher import serve
+from fundus_hemorrhage.serving.traffic import write_split
 
 REPO_ROOT = Path(__file__).resolve().parent
 
@@ -63,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="PEM CA certificate: mutual TLS, clients must present a certificate it signed")
     p.add_argument("--unet-version", type=int, default=None,
                    help="serve this version of the U-Net (default: the newest, as unet/config.pbtxt says)")
+    p.add_argument("--traffic", metavar="SPLIT",
+                   help='A/B split between unet versions, e.g. "3:90,2:10" (version:weight); written into the '
+                        "repository's unet and unet_router configs before Triton starts, so it lasts; change it "
+                        "while serving with python -m fundus_hemorrhage.serving.traffic (README: A/B testing)")
     p.add_argument("--no-http-proxy", action="store_true",
                    help="serve Triton's HTTP endpoint on --http-port directly, without the HAProxy guard (only behind a "
                         "reverse proxy of your own that refuses compressed and oversized bodies; docs/reliability.md)")
@@ -78,13 +92,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if not os.access(path, os.R_OK):
                 p.error(f"--{name.replace('_', '-')}: cannot read {path}")
             setattr(args, name, path.resolve())
+    if args.traffic is not None:
+        if args.unet_version is not None:
+            p.error("--traffic and --unet-version exclude each other (pin a version with --traffic N:1)")
+        try:
+            args.traffic = parse_traffic(args.traffic)
+        except TrafficError as exc:
+            p.error(f"--traffic: {exc}")
     if args.max_request_bytes is not None and args.max_request_bytes <= 0:
         p.error("--max-request-bytes must be positive")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    return serve(parse_args(argv), work_dir=REPO_ROOT / ".triton")
+    args = parse_args(argv)
+    if args.traffic is not None:
+        try:
+            write_split(args.model_repository, args.traffic)
+        except (TrafficError, OSError) as exc:
+            sys.exit(f"serve.py: --traffic: {exc}")
+    return serve(args, work_dir=REPO_ROOT / ".triton")
 
 
 if __name__ == "__main__":

@@ -132,6 +132,8 @@ def apply(repository: Path, split: Split, shadow_version: int | None, shadow_rat
           timeout: float = 300.0, log=print) -> None:
     """Write the split (unet versions first, then, once served, the router's split); with `url`, wait for serve.py
     to apply each step. Raises TrafficError when a step is not applied within `timeout` seconds."""
+    if url and "://" not in url:
+        url = f"http://{url}"
     needed = write_split(repository, split, shadow_version, shadow_rate, router=url is None)
     if url is None:
         log(f"wrote traffic '{format_traffic(split) or 'newest'}' (unet versions {needed or 'latest 1'}) to "
@@ -157,6 +159,7 @@ def show(repository: Path, url: str | None) -> dict:
     """The split in the repository's files and, with `url`, the one served."""
     out = {"repository": parameters(read_config(Path(repository) / c.ROUTER))}
     if url:
+        url = url if "://" in url else f"http://{url}"
         out["served"] = served_router_parameters(url)
     return out
 

@@ -7,7 +7,9 @@ build_engines import them.
     client --IMAGE [N,1] bytes--> ENSEMBLE
       preprocess   IMAGE -> PIXELS [N,3,S,S] fp32, GEOMETRY [N,GEOMETRY_LENGTH] fp64, ERROR [N,1] bytes,
                    ANATOMY [N,ANATOMY_LENGTH] fp32 (optic disc and fovea on the working grid)
-      unet         PIXELS -> PROBABILITY [N,1,S,S] fp32, THRESHOLD [N,1] fp32, MODEL_VERSION [N,1] int32
+      unet_router  PIXELS -> what unet returns, from the unet version it picks for the request (BLS; A/B split,
+                   routing_key, unet_version: fundus_hemorrhage.routing)
+        unet       PIXELS -> PROBABILITY [N,1,S,S] fp32, THRESHOLD [N,1] fp32, MODEL_VERSION [N,1] int32
       postprocess  PROBABILITY, THRESHOLD, MODEL_VERSION, GEOMETRY, ERROR, ANATOMY -> MASK, LESIONS, PROBABILITY_PNG
     <--MASK [N,1] PNG bytes, LESIONS [N,1] JSON bytes, PROBABILITY [N,1] PNG bytes (b"" unless asked)--
 

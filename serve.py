@@ -3,7 +3,8 @@
 
     python serve.py [--host 127.0.0.1] [--http-port 8000] [--grpc-port 8001] [--metrics-port 8002]
                     [--model-repository ./model_repository] [--poll-interval 5] [--watchdog-interval 2]
-                    [--max-request-bytes N] [--no-http-proxy] [--grpc-tls-cert CERT --grpc-tls-key KEY [--grpc-tls-root-cert CA]]
+                    [--max-request-bytes N] [--no-http-proxy] [--no-grpc-proxy]
+                    [--grpc-tls-cert CERT --grpc-tls-key KEY [--grpc-tls-root-cert CA]]
                     [--traffic "3:90,2:10"]   (A/B split between unet versions: README, A/B testing)
 
 Finds `tritonserver` on PATH (the NGC image) or inside the nvidia-pytriton wheel, prepares the Python
@@ -25,11 +26,13 @@ While Triton runs, a supervisor thread
     that fails the check, or that Triton refuses, is not served and the version served before keeps serving
     (fundus_hemorrhage/serving/watchdog.py, updates.py, validation.py).
 
-HTTP goes through HAProxy on --http-port (Triton's HTTP endpoint listens on a loopback port behind it): a
-compressed body (Content-Encoding other than identity) gets 415, a body over --max-request-bytes + 1 MiB 413,
-a chunked body 411; everything else passes through (fundus_hemorrhage/serving/http_proxy.py). --no-http-proxy:
-only behind a reverse proxy of your own that does the same. tritonserver and HAProxy run in their own session
-(a terminal's Ctrl-C reaches serve.py only, which drains) and die with serve.py. If tritonserver dies, or holds
+HTTP and gRPC go through HAProxy on --http-port and --grpc-port (Triton's endpoints listen on loopback ports
+behind it; fundus_hemorrhage/serving/proxy.py). HTTP: a compressed body (Content-Encoding other than identity)
+gets 415, a body over --max-request-bytes + 1 MiB 413, a chunked body 411. gRPC: a compressed message
+(grpc-encoding other than identity) gets INVALID_ARGUMENT; with --grpc-tls-cert HAProxy terminates the TLS
+(and checks client certificates with --grpc-tls-root-cert). Everything else passes through. --no-http-proxy /
+--no-grpc-proxy: only behind a reverse proxy of your own that does the same. tritonserver and HAProxy run in
+their own session (a terminal's Ctrl-C reaches serve.py only, which drains) and die with serve.py. If tritonserver dies, or holds
 a stub generation it will never release, serve.py starts it again (back-off 1-30 s; readiness down meanwhile).
 
 Requests carry image bytes only (no file paths). --max-request-bytes bounds the image bytes of one request
@@ -80,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-http-proxy", action="store_true",
                    help="serve Triton's HTTP endpoint on --http-port directly, without the HAProxy guard (only behind a "
                         "reverse proxy of your own that refuses compressed and oversized bodies; docs/reliability.md)")
+    p.add_argument("--no-grpc-proxy", action="store_true",
+                   help="serve Triton's gRPC endpoint on --grpc-port directly, without the HAProxy guard (only behind a "
+                        "gRPC proxy of your own that refuses compressed messages; docs/reliability.md)")
     p.add_argument("--log-verbose", type=int, default=0)
     args = p.parse_args(argv)
     if bool(args.grpc_tls_cert) != bool(args.grpc_tls_key):

@@ -1,24 +1,38 @@
-"""The HTTP guard (fundus_hemorrhage/serving/http_proxy.py) through the real serve.py: compressed-body bombs and
-oversized bodies are refused before Triton reads them, the service keeps serving, and the README's curl
-examples work through the proxy.
+"""The port guard (fundus_hemorrhage/serving/proxy.py) through the real serve.py: compressed-request bombs over
+HTTP and gRPC and oversized HTTP bodies are refused before Triton reads them, the service keeps serving, and the
+README's curl examples work through the proxy.
 
 The 2 GiB gzip bomb is the one of issue 12 (2,087,280 bytes of gzip inflating to 2 GiB, which made tritonserver
-2.51 abort with signal 6 when it reached it): here it never reaches Triton.
+2.51 abort with signal 6 when it reached it): here it never reaches Triton. The gRPC bomb (1,565,541 bytes of gzip
+inflating to 1.5 GiB, which Triton 2.51 accepted and which pushed it past 9 GiB) is sent over a hand-made HTTP/2
+connection: the gRPC client libraries compress the message themselves, so they would need it inflated first.
 """
 
 from __future__ import annotations
 
 import json
+import queue
+import select
 import shutil
 import socket
+import struct
 import subprocess
+import threading
+import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import InferenceServerException
 
-from tests.conftest import ENSEMBLE, REPO_ROOT, SAMPLE_PHOTOS, make_client
+from fundus_hemorrhage.contract import IMAGE
+
+from tests.conftest import ENSEMBLE, REPO_ROOT, SAMPLE_PHOTOS, make_client, start_server, stop_server
 from tests.conftest import infer as request_ensemble
 
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists(),
@@ -155,3 +169,240 @@ def test_readme_curl_examples_work_through_the_proxy(triton_server, tmp_path):
         report = json.loads(found["LESIONS"])
         assert report["status"] == "ok" and report["image"]["width"] == 4288, response
         assert found["MASK"].startswith(b"\x89PNG"), response
+
+
+# ------------------------------------------------------------------------------------------------------- gRPC
+
+INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
+GRPC_BOMB_BYTES = 3 * 2**29  # 1.5 GiB: accepted by Triton 2.51's gRPC endpoint, drove it past 9 GiB
+_DATA, _HEADERS, _RST_STREAM, _SETTINGS, _GOAWAY, _WINDOW_UPDATE = 0x0, 0x1, 0x3, 0x4, 0x7, 0x8
+_END_STREAM, _END_HEADERS, _ACK = 0x1, 0x4, 0x1
+REFUSED = "is not accepted: send messages uncompressed"
+
+
+def _hpack_int(value: int, prefix_bits: int) -> bytes:
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes([value])
+    out, value = [limit], value - limit
+    while value >= 128:
+        out.append(value % 128 + 128)
+        value //= 128
+    return bytes(out + [value])
+
+
+def _hpack(headers: list[tuple[str, str]]) -> bytes:
+    """Literal header fields without indexing, new names, no Huffman (RFC 7541 6.2.2)."""
+    return b"".join(b"\x00" + _hpack_int(len(n), 7) + n.encode() + _hpack_int(len(v), 7) + v.encode()
+                    for n, v in headers)
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def gzip_bomb_message(inflated: int) -> bytes:
+    """A gRPC message (5-byte prefix, compressed flag set) holding a gzip'd ModelInferRequest for the ensemble
+    whose one photo is `inflated` zero bytes: streamed through zlib, never held inflated."""
+    request = service_pb2.ModelInferRequest(model_name=ENSEMBLE)
+    request.inputs.add(name=IMAGE, datatype="BYTES", shape=[1, 1])
+    varint, n = b"", inflated + 4  # raw_input_contents (field 7): the BYTES element, 4-byte length + bytes
+    while True:
+        varint += bytes([n & 0x7F | (0x80 if n > 0x7F else 0)])
+        n >>= 7
+        if not n:
+            break
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    parts = [compressor.compress(request.SerializeToString() + b"\x3a" + varint + struct.pack("<I", inflated))]
+    chunk = bytes(2**24)
+    parts += [compressor.compress(chunk) for _ in range(inflated // len(chunk))]
+    body = b"".join(parts) + compressor.compress(bytes(inflated % len(chunk))) + compressor.flush()
+    return b"\x01" + len(body).to_bytes(4, "big") + body
+
+
+def raw_grpc_call(port: int, message: bytes, metadata: dict[str, str], timeout: float = 120.0) -> dict:
+    """One unary ModelInfer call over a hand-made cleartext HTTP/2 connection, honouring flow control. Returns
+    {"headers": [HPACK payloads of the response HEADERS frames], "reset": RST_STREAM code or None, "sent": bytes}.
+    HAProxy's HPACK encoder sends header values as plain literals, so the tests look for text in them."""
+    headers = [(":method", "POST"), (":scheme", "http"), (":path", INFER_PATH), (":authority", f"127.0.0.1:{port}"),
+               ("content-type", "application/grpc"), ("te", "trailers"), *metadata.items()]
+    result = {"headers": [], "reset": None, "sent": 0}
+    state = {"conn": 65535, "stream": 65535, "initial": 65535, "closed": False, "pending": b""}
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(_SETTINGS, 0, 0)
+                     + _frame(_HEADERS, _END_HEADERS, 1, _hpack(headers)))
+
+        def read_frames(wait: float) -> None:
+            if not select.select([sock], [], [], wait)[0]:
+                return
+            data = sock.recv(1 << 20)
+            state["closed"] |= not data
+            state["pending"] += data
+            pending = state["pending"]
+            while len(pending) >= 9 and len(pending) >= 9 + int.from_bytes(pending[:3], "big"):
+                length = int.from_bytes(pending[:3], "big")
+                kind, flags, stream = pending[3], pending[4], int.from_bytes(pending[5:9], "big") & 0x7FFFFFFF
+                payload, pending = pending[9:9 + length], pending[9 + length:]
+                if kind == _SETTINGS and not flags & _ACK:
+                    for i in range(0, len(payload), 6):
+                        key, value = struct.unpack(">HI", payload[i:i + 6])
+                        if key == 4:  # SETTINGS_INITIAL_WINDOW_SIZE
+                            state["stream"] += value - state["initial"]
+                            state["initial"] = value
+                    sock.sendall(_frame(_SETTINGS, _ACK, 0))
+                elif kind == _WINDOW_UPDATE:
+                    state["conn" if stream == 0 else "stream"] += int.from_bytes(payload, "big") & 0x7FFFFFFF
+                elif kind == _HEADERS and stream == 1:
+                    result["headers"].append(payload)
+                    state["closed"] |= bool(flags & _END_STREAM)
+                elif kind == _RST_STREAM and stream == 1:
+                    result["reset"] = int.from_bytes(payload, "big")
+                    state["closed"] = True
+                elif kind == _GOAWAY:
+                    state["closed"] = True
+            state["pending"] = pending
+
+        while result["sent"] < len(message) and not state["closed"]:
+            window = min(state["conn"], state["stream"])
+            read_frames(0 if window > 0 else timeout)
+            size = min(16384, window, len(message) - result["sent"])
+            if size > 0 and not state["closed"]:
+                end = result["sent"] + size
+                sock.sendall(_frame(_DATA, _END_STREAM if end == len(message) else 0, 1, message[result["sent"]:end]))
+                state["conn"] -= size
+                state["stream"] -= size
+                result["sent"] = end
+        deadline = time.monotonic() + timeout
+        while not state["closed"] and time.monotonic() < deadline:
+            read_frames(1.0)
+    return result
+
+
+@contextmanager
+def peak_rss(processes: list[psutil.Process]):
+    """Samples the summed RSS of `processes` every 20 ms; yields a dict whose "peak" and "before" are set."""
+    def total() -> int:
+        rss = 0
+        for process in processes:
+            try:
+                rss += process.memory_info().rss
+            except psutil.Error:
+                pass
+        return rss
+    found = {"before": total()}
+    found["peak"] = found["before"]
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(0.02):
+            found["peak"] = max(found["peak"], total())
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield found
+    finally:
+        done.set()
+        thread.join()
+
+
+def grpc_photo_input(photo: bytes) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(IMAGE, [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[photo]], dtype=object))
+    return tensor
+
+
+def test_grpc_gzip_bomb_is_refused_and_the_service_keeps_serving(triton_server):
+    triton = triton_of(triton_server)
+    bomb = gzip_bomb_message(GRPC_BOMB_BYTES)
+    assert len(bomb) < 1_600_000  # the measured bomb: 1,565,539 bytes
+    cases = {"gzip": {"grpc-encoding": "gzip"}, "deflate": {"grpc-encoding": "deflate"},
+             "gzip, identity": {"grpc-encoding": "gzip, identity"}, "GZIP": {"grpc-encoding": "GZIP"},
+             "gzip (content-encoding)": {"content-encoding": "gzip"}}
+    with peak_rss([triton, *triton.children()]) as rss:
+        for case, metadata in cases.items():
+            answer = raw_grpc_call(triton_server.grpc_port, bomb, metadata)
+            assert answer["reset"] is None and len(answer["headers"]) == 1, (case, answer)
+            head = answer["headers"][0]
+            assert b"grpc-status\x013" in head and REFUSED.encode() in head, (case, head)  # 3: INVALID_ARGUMENT
+        # Crafted: the compressed flag set without a grpc-encoding. It reaches Triton, whose gRPC core refuses it
+        # without inflating anything (13: INTERNAL "Unable to parse request").
+        answer = raw_grpc_call(triton_server.grpc_port, bomb, {})
+        assert b"grpc-status\x0213" in answer["headers"][0], answer
+    assert rss["peak"] < rss["before"] + 256 * 2**20, (rss["before"] >> 20, rss["peak"] >> 20)  # MiB
+    assert triton.is_running() and triton.status() != psutil.STATUS_ZOMBIE
+    assert serves_a_photo(triton_server, "grpc") and serves_a_photo(triton_server, "http")
+
+
+def test_compressed_grpc_calls_get_a_clear_error_and_uncompressed_ones_pass(triton_server):
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    photo = grpc_photo_input(SAMPLE_PHOTOS[0].read_bytes())
+    for algorithm in ("gzip", "deflate"):
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer(ENSEMBLE, [photo], compression_algorithm=algorithm)
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT", refused.value
+        assert f"grpc-encoding '{algorithm}' {REFUSED}" in refused.value.message()
+    # Streaming: the compressed stream is refused at its start; an uncompressed one is served.
+    for algorithm in ("gzip", None):
+        answers = queue.Queue()
+        client.start_stream(callback=lambda result, error: answers.put((result, error)), stream_timeout=300,
+                            compression_algorithm=algorithm)
+        try:
+            client.async_stream_infer(ENSEMBLE, [photo])
+        except InferenceServerException:
+            pass  # the stream may be known dead already: its error went to the callback
+        result, error = answers.get(timeout=300)
+        client.stop_stream()
+        if algorithm:
+            assert result is None and REFUSED in str(error), error
+        else:
+            assert error is None and json.loads(result.as_numpy("LESIONS")[0, 0])["status"] == "ok"
+    # Health, metadata, unary infer and the admin-key repository API, over one channel.
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(ENSEMBLE)
+    assert client.get_model_metadata(ENSEMBLE).inputs[0].name == IMAGE
+    result = client.infer(ENSEMBLE, [photo])
+    assert json.loads(result.as_numpy("LESIONS")[0, 0])["status"] == "ok"
+    # Triton's gRPC restricted-protocol header: triton-grpc-protocol-<the HTTP header name>.
+    index = client.get_model_repository_index(headers={"triton-grpc-protocol-admin-key": triton_server.admin_key})
+    assert ENSEMBLE in {model.name for model in index.models}
+    with pytest.raises(InferenceServerException):
+        client.get_model_repository_index()  # no admin key: still refused by Triton
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make test certificates")
+def test_grpc_guard_terminates_mutual_tls(tmp_path):
+    ca, ca_key = tmp_path / "ca.pem", tmp_path / "ca.key"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test CA",
+             "-keyout", str(ca_key), "-out", str(ca))
+    for name, extra in (("server", "subjectAltName=DNS:localhost,IP:127.0.0.1"), ("client", "")):
+        key, csr, cert = (tmp_path / f"{name}.{suffix}" for suffix in ("key", "csr", "pem"))
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(csr))
+        ext = tmp_path / f"{name}.ext"
+        ext.write_text(extra + "\n")
+        _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+                 "-days", "1", "-out", str(cert), *(("-extfile", str(ext)) if extra else ()))
+    server = start_server(tmp_path, extra_args=("--grpc-tls-cert", str(tmp_path / "server.pem"), "--grpc-tls-key",
+                                                str(tmp_path / "server.key"), "--grpc-tls-root-cert", str(ca),
+                                                "--poll-interval", "0", "--watchdog-interval", "0"))
+    try:
+        assert "gRPC guard: haproxy" in server.log() and "(TLS with client certificates (mutual TLS))" in server.log()
+        assert not list((REPO_ROOT / ".triton").glob("haproxy-*-tls.pem"))  # the key copy is gone once HAProxy runs
+        url = f"localhost:{server.grpc_port}"
+        client = grpcclient.InferenceServerClient(url, ssl=True, root_certificates=str(ca),
+                                                  private_key=str(tmp_path / "client.key"),
+                                                  certificate_chain=str(tmp_path / "client.pem"))
+        photo = grpc_photo_input(SAMPLE_PHOTOS[0].read_bytes())
+        assert json.loads(client.infer(ENSEMBLE, [photo]).as_numpy("LESIONS")[0, 0])["status"] == "ok"
+        with pytest.raises(InferenceServerException, match=REFUSED):
+            client.infer(ENSEMBLE, [photo], compression_algorithm="gzip")
+        no_certificate = grpcclient.InferenceServerClient(url, ssl=True, root_certificates=str(ca))
+        with pytest.raises(InferenceServerException):
+            no_certificate.is_server_ready()
+        with pytest.raises(InferenceServerException):
+            grpcclient.InferenceServerClient(server.grpc_url).is_server_ready()  # cleartext
+        assert client.is_server_ready()
+    finally:
+        stop_server(server)

@@ -2,7 +2,8 @@
 
     launcher    find tritonserver, its command line and environment, wait until ready, pin a version, run it
                 generation by generation (restart after a crash, recycle when the watchdog asks)
-    http_proxy  the HTTP guard: HAProxy in front of Triton's HTTP port (compressed and oversized bodies refused)
+    proxy       the port guard: HAProxy in front of Triton's HTTP and gRPC ports (compressed requests and
+                oversized HTTP bodies refused; gRPC TLS terminated there)
     process     tritonserver as a child: own session, PDEATHSIG, subreaper and reaping of orphaned stubs
     readiness   withdraw and restore /v2/health/ready through the repository API
     admin       Triton's HTTP admin API (repository index, configs, load, unload) with the admin key

@@ -31,7 +31,7 @@ from .. import contract as c
 from ..model_config import parameters, preprocess_config, read_config
 from .admin import ADMIN_HEADER, Admin
 from .drain import Drain, drain
-from .http_proxy import BODY_HEADROOM, HttpProxy, find_haproxy, free_loopback_port
+from .proxy import BODY_HEADROOM, GrpcGuard, Proxy, find_haproxy, free_loopback_port
 from .process import TritonProcess, become_subreaper, describe_exit, reap_orphans
 from .supervisor import Supervisor
 from .updates import repository_state
@@ -105,17 +105,20 @@ def triton_options(binary: Path, env: dict) -> set[str]:
 
 
 def triton_command(args: argparse.Namespace, binary: Path, backends: Path | None, admin_key: str,
-                   options: set[str] = frozenset(), http: tuple[str, int] | None = None) -> list[str]:
+                   options: set[str] = frozenset(), http: tuple[str, int] | None = None,
+                   grpc: tuple[str, int] | None = None) -> list[str]:
     """tritonserver's command line for serve.py's arguments: explicit model control with every model loaded,
-    the admin APIs behind `admin_key`, gRPC TLS when asked. `http`: (address, port) of Triton's HTTP endpoint
-    when it is not the public one (behind the HTTP guard, http_proxy.py)."""
+    the admin APIs behind `admin_key`, gRPC TLS when asked. `http`, `grpc`: (address, port) of Triton's HTTP or
+    gRPC endpoint when it is not the public one (behind the port guard, proxy.py, which then also terminates the
+    gRPC TLS)."""
     restriction = f"{RESTRICTED}:{ADMIN_HEADER}={admin_key}"
     http_host, http_port = http or (args.host, args.http_port)
+    grpc_host, grpc_port = grpc or (args.host, args.grpc_port)
     cmd = [
         str(binary),
         f"--model-repository={args.model_repository}",
         f"--http-address={http_host}", f"--http-port={http_port}",
-        f"--grpc-address={args.host}", f"--grpc-port={args.grpc_port}",
+        f"--grpc-address={grpc_host}", f"--grpc-port={grpc_port}",
         f"--metrics-address={args.host}", f"--metrics-port={args.metrics_port}",
         "--model-control-mode=explicit", "--load-model=*",
         f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}",
@@ -125,7 +128,7 @@ def triton_command(args: argparse.Namespace, binary: Path, backends: Path | None
     ]
     if "--http-max-input-size" in options:  # newer Triton only; 2.51 has no request-size option (docs/reliability.md)
         cmd.append(f"--http-max-input-size={args.max_request_bytes + 2**20}")
-    if args.grpc_tls_cert:
+    if args.grpc_tls_cert and grpc is None:
         cmd += ["--grpc-use-ssl=true", f"--grpc-server-cert={args.grpc_tls_cert}",
                 f"--grpc-server-key={args.grpc_tls_key}"]
         if args.grpc_tls_root_cert:  # clients must present a certificate signed by this CA
@@ -183,8 +186,8 @@ RECYCLE_DRAIN_S = 20.0  # a recycle lets requests in flight finish this long (on
 
 
 def serve(args: argparse.Namespace, work_dir: Path) -> int:
-    """Run Triton (behind the HTTP guard unless args.no_http_proxy) for serve.py's parsed arguments until it is
-    stopped; the exit code (0 after a drain)."""
+    """Run Triton (its HTTP and gRPC ports behind the port guard unless args.no_http_proxy / args.no_grpc_proxy)
+    for serve.py's parsed arguments until it is stopped; the exit code (0 after a drain)."""
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="serve.py: %(message)s")
     args.model_repository = args.model_repository.resolve()
     if args.max_request_bytes is None:
@@ -193,18 +196,9 @@ def serve(args: argparse.Namespace, work_dir: Path) -> int:
     admin_key = os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(32)
     env = server_env(extra_libs, args.max_request_bytes)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    proxy, triton_http = None, None
-    if not getattr(args, "no_http_proxy", False):
-        haproxy = find_haproxy()
-        if haproxy is None:
-            sys.exit("serve.py: haproxy is not installed (make install, or apt-get install haproxy). It guards the "
-                     "HTTP port against compressed-body bombs; --no-http-proxy serves Triton's HTTP port directly "
-                     "(only behind a proxy of your own, docs/reliability.md)")
-        triton_http = ("127.0.0.1", free_loopback_port())
-        proxy = HttpProxy(haproxy, work_dir / f"haproxy-{args.http_port}.cfg", args.host, args.http_port,
-                          triton_http[1], args.max_request_bytes + BODY_HEADROOM)
+    proxy, triton_http, triton_grpc = port_guard(args, work_dir)
     triton = TritonProcess(triton_command(args, binary, backends, admin_key, triton_options(binary, env),
-                                          triton_http), env)
+                                          triton_http, triton_grpc), env)
     url = f"http://127.0.0.1:{triton_http[1]}" if triton_http else f"http://{host}:{args.http_port}"
     admin = Admin(url, admin_key)
     admin_lock = threading.Lock()  # the supervisor's loads, a recycle and the drain never overlap
@@ -215,7 +209,8 @@ def serve(args: argparse.Namespace, work_dir: Path) -> int:
         loaded = repository_state(args.model_repository)
         triton.start()
         stop = Drain(admin, triton, c.ENSEMBLE, args.exit_timeout, admin_lock).install()
-        return run(args, triton, admin, admin_lock, stop, host, proxy, loaded)
+        return run(args, triton, admin, admin_lock, stop, host, proxy, loaded,
+                   triton_grpc or (host, args.grpc_port))
     except RuntimeError as exc:  # the proxy could not start
         print(f"serve.py: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -227,15 +222,42 @@ def serve(args: argparse.Namespace, work_dir: Path) -> int:
             proxy.stop()
 
 
+def port_guard(args: argparse.Namespace, work_dir: Path) -> tuple[Proxy | None, tuple[str, int] | None,
+                                                                  tuple[str, int] | None]:
+    """(the HAProxy guard or None, Triton's loopback HTTP address or None, Triton's loopback gRPC address or None)
+    for serve.py's --no-http-proxy / --no-grpc-proxy. Exits when HAProxy is needed and not installed."""
+    guard_http, guard_grpc = not getattr(args, "no_http_proxy", False), not getattr(args, "no_grpc_proxy", False)
+    if not guard_grpc:
+        log.warning("gRPC port %s is NOT guarded (--no-grpc-proxy): Triton inflates a compressed message "
+                    "(grpc-encoding: gzip) without a bound; expose it only behind a gRPC proxy that refuses "
+                    "compression (docs/reliability.md)", args.grpc_port)
+    if not (guard_http or guard_grpc):
+        return None, None, None
+    haproxy = find_haproxy()
+    if haproxy is None:
+        sys.exit("serve.py: haproxy is not installed (make install, or apt-get install haproxy). It guards the "
+                 "HTTP and gRPC ports against compressed-request bombs; --no-http-proxy / --no-grpc-proxy serve "
+                 "Triton's ports directly (only behind a proxy of your own, docs/reliability.md)")
+    triton_http = ("127.0.0.1", free_loopback_port()) if guard_http else None
+    triton_grpc = ("127.0.0.1", free_loopback_port()) if guard_grpc else None
+    grpc = None
+    if guard_grpc:
+        grpc = GrpcGuard(args.grpc_port, triton_grpc[1], args.grpc_tls_cert, args.grpc_tls_key,
+                         args.grpc_tls_root_cert)
+    proxy = Proxy(haproxy, work_dir, args.host, (args.http_port, triton_http[1]) if guard_http else None,
+                  args.max_request_bytes + BODY_HEADROOM, grpc)
+    return proxy, triton_http, triton_grpc
+
+
 def run(args: argparse.Namespace, triton: TritonProcess, admin: Admin, admin_lock: threading.Lock, stop: Drain,
-        host: str, proxy: HttpProxy | None, loaded: dict) -> int:
+        host: str, proxy: Proxy | None, loaded: dict, triton_grpc: tuple[str, int]) -> int:
     """Look after tritonserver generation by generation: wait until ready, supervise, and start it again (with
-    backoff) when it dies, or recycle it when the watchdog says it holds a dead generation. Returns the exit
-    code: 0 after a drain, 1 if the first start fails."""
+    backoff) when it dies, or recycle it when the watchdog says it holds a dead generation. `triton_grpc`: where
+    Triton's own gRPC endpoint listens. Returns the exit code: 0 after a drain, 1 if the first start fails."""
     crashes = 0
     while True:
         started = time.monotonic()
-        ready = wait_ready(admin.url, (host, args.grpc_port), triton, args.ready_timeout)
+        ready = wait_ready(admin.url, triton_grpc, triton, args.ready_timeout)
         if ready and args.unet_version is not None:
             failure = pin_version(admin, c.SEGMENTATION_MODEL, args.unet_version)
             if failure:
@@ -254,8 +276,9 @@ def run(args: argparse.Namespace, triton: TritonProcess, admin: Admin, admin_loc
             if triton.generation == 1:
                 print(f"Triton is ready: model '{c.ENSEMBLE}'\n"
                       f"  HTTP    http://{host}:{args.http_port}"
-                      f"{' (behind the HTTP guard, haproxy)' if proxy else ''}\n"
-                      f"  gRPC    {host}:{args.grpc_port}{' (TLS)' if args.grpc_tls_cert else ''}\n"
+                      f"{' (behind the HTTP guard, haproxy)' if proxy and proxy.http else ''}\n"
+                      f"  gRPC    {host}:{args.grpc_port}{' (TLS)' if args.grpc_tls_cert else ''}"
+                      f"{' (behind the gRPC guard, haproxy)' if proxy and proxy.grpc else ' (NOT guarded)'}\n"
                       f"  metrics http://{host}:{args.metrics_port}/metrics", flush=True)
             else:
                 log.info("tritonserver generation %d (pid %s) is ready, %.1f s after its start", triton.generation,

@@ -197,6 +197,10 @@ def local_triton(url: str | None, name: str):
         port = url.rsplit(":", 1)[1]
         pid = next((p.pid for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "tritonserver"
                     and f"--grpc-port={port}" in (p.info["cmdline"] or [])), None)
+        if pid is None:  # behind serve.py's gRPC guard: the tritonserver child of the serve.py on that port
+            serve = (p for p in psutil.process_iter(["cmdline"]) if "serve.py" in " ".join(p.info["cmdline"] or [])
+                     and f"--grpc-port {port} " in " ".join(p.info["cmdline"] or []) + " ")
+            pid = next((c.pid for p in serve for c in p.children() if c.name() == "tritonserver"), None)
         if pid is None:
             raise SystemExit(f"no tritonserver process with --grpc-port={port} on this machine")
         yield url, pid

@@ -6,11 +6,13 @@ build_engines import them.
 
     client --IMAGE [N,1] bytes--> ENSEMBLE
       preprocess   IMAGE -> PIXELS [N,3,S,S] fp32, GEOMETRY [N,GEOMETRY_LENGTH] fp64, ERROR [N,1] bytes,
-                   ANATOMY [N,ANATOMY_LENGTH] fp32 (optic disc and fovea on the working grid)
+                   ANATOMY [N,ANATOMY_LENGTH] fp32 (optic disc and fovea on the working grid),
+                   QUALITY [N,1] bytes (image-quality verdict, JSON: fundus_hemorrhage.quality)
       unet_router  PIXELS -> what unet returns, from the unet version it picks for the request (BLS; A/B split,
                    routing_key, unet_version: fundus_hemorrhage.routing)
         unet       PIXELS -> PROBABILITY [N,1,S,S] fp32, THRESHOLD [N,1] fp32, MODEL_VERSION [N,1] int32
-      postprocess  PROBABILITY, THRESHOLD, MODEL_VERSION, GEOMETRY, ERROR, ANATOMY -> MASK, LESIONS, PROBABILITY_PNG
+      postprocess  PROBABILITY, THRESHOLD, MODEL_VERSION, GEOMETRY, ERROR, ANATOMY, QUALITY
+                   -> MASK, LESIONS, PROBABILITY_PNG
     <--MASK [N,1] PNG bytes, LESIONS [N,1] JSON bytes, PROBABILITY [N,1] PNG bytes (b"" unless asked)--
 
 THRESHOLD and MODEL_VERSION are constants baked into each unet version's graph (build_engines), so the report
@@ -41,6 +43,7 @@ PIXELS = "PIXELS"
 GEOMETRY = "GEOMETRY"
 ERROR = "ERROR"
 ANATOMY = "ANATOMY"
+QUALITY = "QUALITY"  # {"gradable", "reasons", "exposure_gain"} JSON per photo; b"" for an unreadable one
 THRESHOLD = "THRESHOLD"
 MODEL_VERSION = "MODEL_VERSION"
 PROBABILITY_PNG = "PROBABILITY_PNG"
@@ -53,7 +56,7 @@ UNET_VERSION_PARAMETER = "unet_version"
 ROUTING_KEY_PARAMETER = "routing_key"
 
 # 2.0: 1.0's fields plus the clinician's frame (eye, optic_disc, fovea, scale, per-lesion zones, zone tables,
-# findings); documented in the README.
+# findings) and image_quality (status "ungradable"); documented in the README.
 REPORT_SCHEMA_VERSION = "2.0"
 
 __all__ = [name for name in dir() if name.isupper()] + ["GEOMETRY_LENGTH", "ANATOMY_LENGTH"]

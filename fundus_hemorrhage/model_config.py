@@ -23,12 +23,14 @@ FP32, FP64, INT32, STRING = pb.TYPE_FP32, pb.TYPE_FP64, pb.TYPE_INT32, pb.TYPE_S
 _HEADERS = {
     c.ENSEMBLE: ["The service: photo bytes in; mask PNG, lesion report (JSON) and optional probability PNG out.",
                  "A request carries N photos as IMAGE of shape [N, 1]."],
-    c.PREPROCESS: ["Decode, find the field of view, crop, resize to the working grid, CLAHE "
-                   "(fundus_hemorrhage.preprocessing);",
+    c.PREPROCESS: ["Decode, find the field of view, image-quality gate and exposure normalisation "
+                   "(fundus_hemorrhage.quality),",
+                   "crop, resize to the working grid, CLAHE (fundus_hemorrhage.preprocessing);",
                    "optic disc and fovea on the working grid (fundus_hemorrhage.anatomy, models/anatomy.onnx)."],
     c.POSTPROCESS: ["Probability back to the photo's own size, threshold, speck removal, PNG + lesion report",
                     "(fundus_hemorrhage.postprocessing). Threshold and version come with the unet's output;",
-                    "the retinal frame (laterality, ETDRS grid, quadrants) from ANATOMY (fundus_hemorrhage.retinal_frame)."],
+                    "the retinal frame (laterality, ETDRS grid, quadrants) from ANATOMY (fundus_hemorrhage.retinal_frame);",
+                    "a photo ungradable by QUALITY gets an empty mask and status \"ungradable\"."],
     c.ROUTER: ["Picks the unet version of each request (pin, sticky routing_key, traffic split) and calls it (BLS);",
                "same outputs as unet (fundus_hemorrhage.routing). Change the split with fundus_hemorrhage.serving.traffic."],
     "cpu": ["U-Net on the CPU: ONNX Runtime inside the Python backend (the pip-installed Triton has no",
@@ -75,11 +77,13 @@ def ensemble_config() -> ModelConfig:
                        "output": [_tensor(n, STRING, [1]) for n in (c.MASK, c.LESIONS, c.PROBABILITY)]})
     steps = [
         (c.PREPROCESS, {c.IMAGE: c.IMAGE},
-         {c.PIXELS: "pixels", c.GEOMETRY: "geometry", c.ERROR: "image_error", c.ANATOMY: "anatomy"}),
+         {c.PIXELS: "pixels", c.GEOMETRY: "geometry", c.ERROR: "image_error", c.ANATOMY: "anatomy",
+          c.QUALITY: "image_quality"}),
         (c.ROUTER, {c.PIXELS: "pixels"},
          {c.PROBABILITY: "probability", c.THRESHOLD: "threshold", c.MODEL_VERSION: "model_version"}),
         (c.POSTPROCESS, {c.PROBABILITY: "probability", c.THRESHOLD: "threshold", c.MODEL_VERSION: "model_version",
-                         c.GEOMETRY: "geometry", c.ERROR: "image_error", c.ANATOMY: "anatomy"},
+                         c.GEOMETRY: "geometry", c.ERROR: "image_error", c.ANATOMY: "anatomy",
+                         c.QUALITY: "image_quality"},
          {c.MASK: c.MASK, c.LESIONS: c.LESIONS, c.PROBABILITY_PNG: c.PROBABILITY}),
     ]
     for model, inputs, outputs in steps:
@@ -93,7 +97,7 @@ def preprocess_config(working_size: int = c.WORKING_SIZE, instances: int = 2) ->
     return _message({"name": c.PREPROCESS, "backend": "python", "max_batch_size": c.MAX_BATCH_SIZE,
                      "input": [_tensor(c.IMAGE, STRING, [1])],
                      "output": [_pixels(working_size), _tensor(c.GEOMETRY, FP64, [c.GEOMETRY_LENGTH]),
-                                _tensor(c.ERROR, STRING, [1]), _anatomy()],
+                                _tensor(c.ERROR, STRING, [1]), _anatomy(), _tensor(c.QUALITY, STRING, [1])],
                      "instance_group": [{"kind": pb.ModelInstanceGroup.KIND_CPU, "count": instances}],
                      "parameters": {"max_bytes": 64 * 2**20, "max_pixels": 60_000_000}})
 
@@ -101,7 +105,7 @@ def preprocess_config(working_size: int = c.WORKING_SIZE, instances: int = 2) ->
 def postprocess_config(working_size: int = c.WORKING_SIZE, instances: int = 2) -> ModelConfig:
     return _message({"name": c.POSTPROCESS, "backend": "python", "max_batch_size": c.MAX_BATCH_SIZE,
                      "input": [*_unet_outputs(working_size), _tensor(c.GEOMETRY, FP64, [c.GEOMETRY_LENGTH]),
-                               _tensor(c.ERROR, STRING, [1]), _anatomy()],
+                               _tensor(c.ERROR, STRING, [1]), _anatomy(), _tensor(c.QUALITY, STRING, [1])],
                      "output": [_tensor(n, STRING, [1]) for n in (c.MASK, c.LESIONS, c.PROBABILITY_PNG)],
                      "instance_group": [{"kind": pb.ModelInstanceGroup.KIND_CPU, "count": instances}],
                      "parameters": {"min_lesion_working_px": 2}})

@@ -5,7 +5,9 @@ parity checks, the in-process and FastAPI arms of perf/bench.py. A `Model` maps 
 the unet's outputs by name: PROBABILITY [N, 1, S, S], THRESHOLD [N, 1], MODEL_VERSION [N, 1].
 
 The optic disc and fovea detector runs as in the ensemble's preprocess step: one call on the stacked PIXELS of
-the request's readable photos (`anatomy.anatomy_rows`), its float32 ANATOMY rows handed to postprocess.
+the request's readable, gradable photos (`anatomy.anatomy_rows`), its float32 ANATOMY rows handed to postprocess.
+The image-quality verdict (`Preprocessed.quality`, the ensemble's QUALITY tensor) goes to postprocess as it is: an
+ungradable photo gets an empty mask and a report with status "ungradable" (PhotoResult.ok: answered).
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ class PhotoResult:
 
     @property
     def ok(self) -> bool:
+        """Answered: segmented ("ok") or reported ungradable; False for an unreadable photo ("error")."""
+        return self.report.get("status") in ("ok", "ungradable")
+
+    @property
+    def gradable(self) -> bool:
         return self.report.get("status") == "ok"
 
 
@@ -92,8 +99,10 @@ class Pipeline:
         return self.model(np.stack([p.pixels if isinstance(p, Preprocessed) else zeros for p in pre]))
 
     def detect_anatomy(self, pre: Sequence[Preprocessed | str]) -> np.ndarray:
-        """The ANATOMY tensor float32 [N, ANATOMY_LENGTH] of a preprocessed batch, as the ensemble computes it."""
-        return anatomy_rows(self.anatomy_detector, [p.pixels if isinstance(p, Preprocessed) else None for p in pre])
+        """The ANATOMY tensor float32 [N, ANATOMY_LENGTH] of a preprocessed batch, as the ensemble computes it
+        (not run on unreadable or ungradable photos)."""
+        return anatomy_rows(self.anatomy_detector, [p.pixels if isinstance(p, Preprocessed) and p.quality.gradable
+                                                    else None for p in pre])
 
     def __call__(self, images: Sequence[bytes], with_probability: bool = False) -> list[PhotoResult]:
         """One request. Raises ImageError (every reason, "; "-joined) when no photo can be read, as the ensemble
@@ -109,7 +118,7 @@ class Pipeline:
                 return PhotoResult(b"", error_report(i, pre[i]))
             result = postprocess(out[c.PROBABILITY][i], pre[i].geometry, float(out[c.THRESHOLD][i][0]),
                                  int(out[c.MODEL_VERSION][i][0]), self.postprocess_config, with_probability,
-                                 Anatomy.from_vector(anatomy[i]))
+                                 Anatomy.from_vector(anatomy[i]), pre[i].quality)
             result.report["image_index"] = i
             return PhotoResult(result.mask_png, result.report, result.probability_png)
 

@@ -16,7 +16,8 @@ import numpy as np
 from .anatomy_tensor import Anatomy
 from .geometry import Geometry
 from .png import encode_png
-from .report import lesion_report
+from .quality import QualityAssessment
+from .report import NOT_ASSESSED, lesion_report, ungradable_report
 from .retinal_frame import Landmarks, nearest_pixel_distance
 
 
@@ -192,18 +193,24 @@ class PostprocessResult:
 
 def postprocess(probability: np.ndarray, geometry: Geometry, threshold: float, model_version: str,
                 config: PostprocessConfig = PostprocessConfig(), with_probability: bool = False,
-                anatomy: Anatomy | None = None) -> PostprocessResult:
+                anatomy: Anatomy | None = None, image_quality: QualityAssessment = NOT_ASSESSED) -> PostprocessResult:
     """One photo: PROBABILITY [1, S, S] (or [S, S]) on the working grid, thresholded at the producing version's
     `threshold` -> mask PNG at the original size, report, and the probability PNG if asked (else b"").
 
     `anatomy`: the photo's optic disc and fovea on the same working grid (a row of the ANATOMY tensor); without
     it the report's anatomical fields are null with the reason "detector not available".
+    `image_quality`: the gate's verdict (a row of the QUALITY tensor). An ungradable photo is not segmented: an
+    all-zero mask (and probability map, if asked) at the photo's size, and `report.ungradable_report`.
     """
     config = dataclasses.replace(config, threshold=float(threshold))
     working_size = np.shape(probability)[-1]
     min_area = min_lesion_area(geometry, config, working_size)
+    if not image_quality.gradable:
+        empty = encode_png(np.zeros((geometry.height, geometry.width), np.uint8))
+        report = ungradable_report(geometry, config, str(model_version), min_area, image_quality)
+        return PostprocessResult(empty, report, empty if with_probability else b"")
     landmarks = Landmarks.from_anatomy(anatomy or Anatomy.unavailable(), geometry, working_size)
     mask, lesions = find_lesions(probability, geometry, config, min_area, landmarks.fovea)
-    report = lesion_report(lesions, geometry, config, str(model_version), min_area, landmarks)
+    report = lesion_report(lesions, geometry, config, str(model_version), min_area, landmarks, image_quality)
     probability_png = encode_png(probability_to_original(probability, geometry)) if with_probability else b""
     return PostprocessResult(encode_png(mask), report, probability_png)

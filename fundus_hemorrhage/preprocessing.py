@@ -1,8 +1,13 @@
 """Fundus photograph preprocessing shared by serving (Triton `preprocess`) and training.
 
 Pipeline: decode (at a reduced scale where the codec allows it) -> find the circular field of view (FOV)
--> crop a square around it (zero padding where the square leaves the photo) -> resize to the model's
+-> image-quality gate (fundus_hemorrhage.quality): an ungradable photo stops here with zero pixels; a gradable one
+has its exposure normalised (one gain on every pixel: the FOV's median luma to the training photos' typical level)
+-> crop a square around the FOV (zero padding where the square leaves the photo) -> resize to the model's
 working size -> CLAHE on the lightness channel -> zero outside the FOV.
+
+Training (training/data.py) calls `decode` + `preprocess_decoded` as `preprocess` does, so both get the exposure
+normalisation. Models trained before it was added (unet v1, v2) saw un-normalised photos.
 
 `Geometry` records how the working grid maps back onto the original photo, so that the postprocess
 step can place the probability map at the photo's own resolution.
@@ -19,6 +24,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from . import quality
 from .contract import WORKING_SIZE
 from .file_structure import ORIENTATION_TAG, jpeg_end, png_end, png_exif, tiff_as_stored
 from .geometry import Geometry
@@ -46,12 +52,15 @@ class PreprocessConfig:
     min_fov_fraction: float = 0.05
     # Standard deviation of the (blurred, 8-bit) brightness inside the FOV below which the photo is blank.
     min_fov_texture: float = 1.0
+    # The image-quality gate's limits and exposure policy (quality.py: every gradable photo normalised).
+    quality_thresholds: quality.QualityThresholds = quality.SERVING_THRESHOLDS
 
 
 @dataclass(frozen=True)
 class Preprocessed:
-    pixels: np.ndarray  # float32 [3, S, S], RGB in [0, 1]
+    pixels: np.ndarray  # float32 [3, S, S], RGB in [0, 1]; all zero for an ungradable photo
     geometry: Geometry
+    quality: quality.QualityAssessment  # the gate's verdict, and the exposure gain applied to the pixels
 
 
 _SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"II*\x00": "TIFF", b"MM\x00*": "TIFF",
@@ -126,6 +135,20 @@ def read_header(data: bytes, config: PreprocessConfig) -> tuple[str, int, int, i
 
     An MPO (a JPEG followed by further pictures, as some cameras write) is read as the JPEG it starts with.
     """
+    return read_header_and_jpeg_quality(data, config)[0]
+
+
+def _jpeg_quality(im: Image.Image) -> float | None:
+    """libjpeg quality (1-100) estimated from the luminance quantisation table (quality.jpeg_quality); None when
+    the file has none (not a JPEG)."""
+    tables = getattr(im, "quantization", None)
+    return quality.jpeg_quality(tables[0]) if tables and 0 in tables else None
+
+
+def read_header_and_jpeg_quality(data: bytes, config: PreprocessConfig) -> tuple[tuple[str, int, int, int],
+                                                                                    float | None]:
+    """`read_header`'s (format, width, height, orientation), and the JPEG quality estimated from the file's
+    quantisation table (None for other formats): the gate's "heavily compressed" check. Raises ImageError."""
     if len(data) == 0:
         raise ImageError("empty input: no image bytes")
     if len(data) > config.max_bytes:
@@ -134,6 +157,7 @@ def read_header(data: bytes, config: PreprocessConfig) -> tuple[str, int, int, i
         with Image.open(io.BytesIO(data)) as im:
             fmt = "JPEG" if im.format == "MPO" else im.format
             (width, height), orientation = _stored_size(im), _orientation(im, data)
+            jpeg_quality = _jpeg_quality(im) if fmt == "JPEG" else None
     except Image.UnidentifiedImageError:
         raise _unidentified(data) from None
     except Exception as exc:  # PIL raises many types for damaged headers; all mean the same to the client
@@ -144,7 +168,7 @@ def read_header(data: bytes, config: PreprocessConfig) -> tuple[str, int, int, i
         raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the limit of {config.max_pixels}")
     if min(width, height) < config.min_side:
         raise ImageError(f"image is {width}x{height}, too small (the shorter side must be at least {config.min_side} px)")
-    return fmt, width, height, orientation
+    return (fmt, width, height, orientation), jpeg_quality
 
 
 def _check_complete(data: bytes, fmt: str) -> None:
@@ -162,7 +186,13 @@ def decode(data: bytes, config: PreprocessConfig) -> tuple[np.ndarray, float, tu
     Pixels follow the stored orientation: EXIF rotation is reported, not applied, so that the mask
     lines up with the stored pixels (and with every viewer that ignores EXIF, as medical ones do).
     """
-    header = read_header(data, config)
+    return decode_with_jpeg_quality(data, config)[:3]
+
+
+def decode_with_jpeg_quality(data: bytes, config: PreprocessConfig) -> tuple[
+        np.ndarray, float, tuple[str, int, int, int], float | None]:
+    """`decode`'s (pixels, reduction, header), and the JPEG quality of `read_header_and_jpeg_quality`."""
+    header, jpeg_quality = read_header_and_jpeg_quality(data, config)
     fmt, width, height, _ = header
     _check_complete(data, fmt)
     if fmt == "JPEG":  # decoded at a reduced scale by the IDCT itself (libjpeg DCT scaling): 1/4 for IDRiD
@@ -177,7 +207,7 @@ def decode(data: bytes, config: PreprocessConfig) -> tuple[np.ndarray, float, tu
         raise ImageError(f"corrupt {fmt} data: the decoder could not read the pixels")
     if bgr.dtype != np.uint8:  # defensive: IMREAD_COLOR always yields 8-bit today
         bgr = cv2.convertScaleAbs(bgr, alpha=255.0 / max(1.0, float(bgr.max())))
-    return bgr, width / bgr.shape[1], header
+    return bgr, width / bgr.shape[1], header, jpeg_quality
 
 
 @dataclass(frozen=True)
@@ -281,16 +311,33 @@ def working_fov_mask(geometry: Geometry, working_size: int) -> np.ndarray:
 
 
 def preprocess_decoded(bgr: np.ndarray, scale: float, width: int, height: int, config: PreprocessConfig,
-                       orientation: int = 1) -> Preprocessed:
+                       orientation: int = 1, jpeg_quality: float | None = None) -> Preprocessed:
+    """Decoded BGR uint8 pixels (reduced by `scale`) of a photo stored width x height -> model input, geometry and
+    the image-quality verdict (`config.quality_thresholds`; `jpeg_quality` from `read_header_and_jpeg_quality`, None: not
+    checked). Raises ImageError when there is no field of view.
+
+    Gradable: the exposure gain is applied and the FOV found again on the normalised pixels (what the model sees),
+    then crop, resize, CLAHE. Ungradable: the geometry of the FOV as decoded and all-zero pixels (nothing is
+    resampled: the photo is not segmented). Training calls this too, so both get the same normalisation.
+    """
     fov = find_field_of_view(bgr, config.min_fov_fraction, config.min_fov_texture)
+    verdict = quality.assess(bgr, fov, jpeg_quality, config.quality_thresholds)
+    s = config.working_size
+    if not verdict.gradable:
+        return Preprocessed(np.zeros((3, s, s), np.float32), geometry_for(fov, scale, width, height, orientation),
+                            verdict)
+    if verdict.exposure_normalised:
+        bgr = quality.apply_exposure_gain(bgr, verdict.exposure_gain)
+        fov = find_field_of_view(bgr, config.min_fov_fraction, config.min_fov_texture)
     geometry = geometry_for(fov, scale, width, height, orientation)
-    rgb = to_working(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), geometry, config.working_size, scale)
-    rgb = _clahe(rgb, config) * working_fov_mask(geometry, config.working_size)[..., None]
+    rgb = to_working(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), geometry, s, scale)
+    rgb = _clahe(rgb, config) * working_fov_mask(geometry, s)[..., None]
     pixels = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) * np.float32(1.0 / 255.0)
-    return Preprocessed(pixels, geometry)
+    return Preprocessed(pixels, geometry, verdict)
 
 
 def preprocess(data: bytes, config: PreprocessConfig = PreprocessConfig()) -> Preprocessed:
-    """Encoded photo bytes -> model input and geometry. Raises ImageError with the reason."""
-    bgr, scale, (_, width, height, orientation) = decode(data, config)
-    return preprocess_decoded(bgr, scale, width, height, config, orientation)
+    """Encoded photo bytes -> model input, geometry and image-quality verdict. Raises ImageError with the reason
+    (an ungradable photo is not an error: see `Preprocessed.quality`)."""
+    bgr, scale, (_, width, height, orientation), jpeg_quality = decode_with_jpeg_quality(data, config)
+    return preprocess_decoded(bgr, scale, width, height, config, orientation, jpeg_quality)

@@ -11,14 +11,20 @@ structures: the same photo at x0.4 marks lesions everywhere (Dice with its norma
 global gain. One gain on all channels that brings the FOV's median luma to the training photos' typical level
 (`normalise_exposure`) does: x0.25-x0.6 copies then segment at Dice median 0.87-0.92, and on the 53 labelled
 photos accuracy is unchanged (mean Dice with the annotation 0.5508 as served, 0.5516 normalised), but it moves
-the normal photos' masks (Dice 0.75-1.0, median 0.93, with the current ones), so it is applied only outside the
-IDRiD range.
+the normal photos' masks (Dice 0.75-1.0, median 0.93, with the un-normalised ones).
+
+The service normalises every gradable photo (`SERVING_THRESHOLDS` = `NORMALISE_EVERY_PHOTO`, the default of
+`assess`/`judge`): exposure variants of a photo then give one mask, at no loss of accuracy
+(perf/results/quality-gate-every-photo.md). `preprocessing.preprocess_decoded` applies it, so training and serving
+see the same pixels. The verdict travels between the ensemble's steps as the QUALITY tensor (`to_json`/`from_json`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+
+import json
 
 import cv2
 import numpy as np
@@ -52,9 +58,29 @@ class QualityAssessment:
     metrics: QualityMetrics | None
     exposure_gain: float = 1.0  # the brightness normalisation applied before segmentation (1.0: none)
 
+    @property
+    def exposure_normalised(self) -> bool:
+        return self.exposure_gain != 1.0
+
     def to_report(self) -> dict:
-        """The report's `image_quality` object."""
-        return {"gradable": self.gradable, "reasons": list(self.reasons)}
+        """The report's `image_quality` object: {gradable, reasons}, and for a gradable photo whether its exposure
+        was normalised and by which gain (rounded to 4 decimals)."""
+        section = {"gradable": self.gradable, "reasons": list(self.reasons)}
+        if self.gradable:
+            section.update(exposure_normalised=self.exposure_normalised, exposure_gain=round(self.exposure_gain, 4))
+        return section
+
+    def to_json(self) -> bytes:
+        """One element of the QUALITY tensor: JSON {"gradable", "reasons", "exposure_gain"} (metrics not carried)."""
+        return json.dumps({"gradable": self.gradable, "reasons": list(self.reasons),
+                           "exposure_gain": self.exposure_gain}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> "QualityAssessment":
+        """Inverse of `to_json` (the gain round-trips exactly). Raises ValueError (json.JSONDecodeError) or KeyError
+        on a malformed element."""
+        d = json.loads(data)
+        return cls(bool(d["gradable"]), tuple(str(r) for r in d["reasons"]), None, float(d["exposure_gain"]))
 
 
 def analysis_view(bgr: np.ndarray, fov) -> tuple[np.ndarray, np.ndarray]:
@@ -199,22 +225,24 @@ class QualityThresholds:
     min_jpeg_quality: float = 24.0
 
 
-# The alternative policy (a decision for the service's owner): every gradable photo normalised to
-# TYPICAL_BRIGHTNESS. Exposure variants of a photo then give one mask (samples: every gradable copy x0.25-x2.5 at
-# Dice >= 0.64 with the normal photo's), and accuracy is unchanged (53 labelled photos: mean Dice with the annotation
-# 0.5516, 0.5508 today), but every normal photo's mask moves (Dice with today's: median 0.93, min 0.75).
+# The served policy: every gradable photo normalised to TYPICAL_BRIGHTNESS. Exposure variants of a photo then give
+# one mask (samples: every gradable copy x0.25-x2.5 at Dice >= 0.64 with the normal photo's), and accuracy is
+# unchanged (53 labelled photos: mean Dice with the annotation 0.5508 un-normalised, 0.5516 normalised), but every
+# normal photo's mask moves (Dice with the un-normalised one: median 0.93, min 0.75). `QualityThresholds()` (only
+# photos outside the IDRiD range normalised) left gradable copies below Dice 0.5 (perf/results/quality-gate.md).
 NORMALISE_EVERY_PHOTO = QualityThresholds(normalise_below=float("inf"), dark_target=TYPICAL_BRIGHTNESS)
+SERVING_THRESHOLDS = NORMALISE_EVERY_PHOTO
 
 
 def assess(bgr: np.ndarray, fov, jpeg_quality: float | None = None,
-           thresholds: QualityThresholds = QualityThresholds()) -> QualityAssessment:
+           thresholds: QualityThresholds = SERVING_THRESHOLDS) -> QualityAssessment:
     """The gate's verdict on a decoded BGR uint8 photo with its FieldOfView, and the JPEG quality estimated from
     its luminance table (`jpeg_quality()`; None for other formats). See `judge`."""
     return judge(measure(bgr, fov), jpeg_quality, thresholds)
 
 
 def judge(m: QualityMetrics, jpeg_quality: float | None = None,
-          thresholds: QualityThresholds = QualityThresholds()) -> QualityAssessment:
+          thresholds: QualityThresholds = SERVING_THRESHOLDS) -> QualityAssessment:
     """The verdict from measured metrics. Reasons, in the report's terms: "not a colour photograph",
     "red-free photograph", "under-exposed", "over-exposed", "washed out", "uneven illumination", "out of focus",
     "heavily compressed".

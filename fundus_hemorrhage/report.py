@@ -3,14 +3,20 @@
 Schema 2.0 = the 1.0 report (field of view quadrants, lesions in photo pixels) followed by the clinician's frame
 (fundus_hemorrhage.retinal_frame): `eye`, `optic_disc`, `fovea`, `scale`, `anatomy_reasons`, per-lesion
 `distance_to_fovea_dd/_um`, `area_mm2`, `retinal_quadrant`, `etdrs_subfield`, and the `retinal_quadrants`, `etdrs`
-and `findings` tables. The report is a plain dict of top-level sections: a later section (e.g. image quality) is
-one more key added by `lesion_report`'s caller or here, without touching the others.
+and `findings` tables. The report is a plain dict of top-level sections: a later section is one more key added by
+`lesion_report`'s caller or here, without touching the others.
+
+`image_quality` (fundus_hemorrhage.quality's verdict) is part of 2.0: a gradable photo's report has status "ok";
+an ungradable one's has status "ungradable", no lesions and zero totals (`ungradable_report`), and its mask is empty.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from .contract import REPORT_SCHEMA_VERSION, SEGMENTATION_MODEL
 from .geometry import Geometry
+from .quality import QualityAssessment
 from .retinal_frame import Landmarks, anatomy_sections, lesion_anatomy, zone_sections
 
 QUADRANTS = ("upper_left", "upper_right", "lower_left", "lower_right")
@@ -21,10 +27,15 @@ def quadrant_of(x: float, y: float, geometry: Geometry) -> str:
     return ("upper_" if y < geometry.fov_cy else "lower_") + ("left" if x < geometry.fov_cx else "right")
 
 
+NOT_ASSESSED = QualityAssessment(True, (), None)  # a caller that ran no gate (e.g. postprocess on its own)
+UNGRADABLE_ANATOMY = "not looked for: the photo is ungradable (see image_quality)"
+
+
 def lesion_report(lesions: list, geometry: Geometry, config, model_version: str, min_area: int,
-                  landmarks: Landmarks | None = None) -> dict:
-    """Report of one photo from its `postprocessing.Lesion`s (original pixels), the `PostprocessConfig` used and
-    the photo's `retinal_frame.Landmarks` (disc and fovea in original pixels; None: both unknown, reason given).
+                  landmarks: Landmarks | None = None, image_quality: QualityAssessment = NOT_ASSESSED) -> dict:
+    """Report of one photo from its `postprocessing.Lesion`s (original pixels), the `PostprocessConfig` used,
+    the photo's `retinal_frame.Landmarks` (disc and fovea in original pixels; None: both unknown, reason given) and
+    its image-quality verdict (`image_quality`; for an ungradable photo see `ungradable_report`).
 
     Each lesion's zone is taken at its reported centroid against the reported disc and fovea, and its distance to
     the fovea from its `fovea_distance_px` (nearest labelled pixel), so the report agrees with itself.
@@ -56,7 +67,8 @@ def lesion_report(lesions: list, geometry: Geometry, config, model_version: str,
         q["area_fov_fraction"] = round(q["area_px"] / fov_area, 7)
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
-        "status": "ok",
+        "status": "ok" if image_quality.gradable else "ungradable",
+        "image_quality": image_quality.to_report(),
         "image": {"width": geometry.width, "height": geometry.height, "exif_orientation": geometry.exif_orientation},
         "field_of_view": {
             "center": {"x": round(geometry.fov_cx, 1), "y": round(geometry.fov_cy, 1)},
@@ -75,6 +87,16 @@ def lesion_report(lesions: list, geometry: Geometry, config, model_version: str,
         **anatomy_sections(landmarks),
         **zone_sections(frame, entries),
     }
+
+
+def ungradable_report(geometry: Geometry, config, model_version: str, min_area: int,
+                      image_quality: QualityAssessment) -> dict:
+    """Report of a photo the quality gate refused: status "ungradable", `image_quality` with the reasons, no
+    lesions, zero totals, the image and field of view as usual; the optic disc and fovea null with the reason
+    `UNGRADABLE_ANATOMY` (the detector is not run on it)."""
+    landmarks = dataclasses.replace(Landmarks.unavailable(geometry), disc_reason=UNGRADABLE_ANATOMY,
+                                    fovea_reason=UNGRADABLE_ANATOMY)
+    return lesion_report([], geometry, config, model_version, min_area, landmarks, image_quality)
 
 
 def error_report(index: int, reason: str) -> dict:

@@ -5,8 +5,9 @@ every degradation in `DEGRADATIONS` (applied at the photo's full size, then enco
 write), through the in-process serving path (`Pipeline.from_onnx`, the same masks as the ensemble):
   - the gate's metrics and verdict on the decoded, reduced image (as preprocess sees it), and its cost in ms;
   - the served mask's Dice against the normal photo's served mask (1.0 when both are empty), without the gate;
-  - the same through `GatedPipeline` (the gate and its brightness normalisation, as phase 2 integrates them;
-    --policy picks which photos are normalised), against what that path serves for the normal photo;
+  - the same through the serving path with the gate (`gated_pipeline`: the gate and its brightness normalisation
+    in `preprocess_decoded`; --policy picks which photos are normalised, every-photo is the service's), against
+    what that path serves for the normal photo;
   - for exposure degradations, every copy normalised to the typical brightness (the experiment's arm).
 Records are kept (--records) so the verdicts can be recomputed for new thresholds without the model (--reuse;
 --remeasure also measures the gate again). --other-photos DIR: the gate alone on DIR/*/*.jpg (other cameras),
@@ -34,8 +35,7 @@ from PIL import Image
 
 from fundus_hemorrhage import quality
 from fundus_hemorrhage.pipeline import Pipeline
-from fundus_hemorrhage.preprocessing import ImageError, PreprocessConfig, decode, find_field_of_view, \
-    preprocess_decoded
+from fundus_hemorrhage.preprocessing import ImageError, PreprocessConfig, decode, find_field_of_view
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PHOTOS = REPO_ROOT.parent / "shared" / "data" / "idrid_he" / "images"
@@ -128,32 +128,20 @@ def mask_of(png: bytes) -> np.ndarray:
     return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED) > 0
 
 
-class GatedPipeline(Pipeline):
-    """The serving path as phase 2 integrates the gate: an ungradable photo is not segmented (here: an error
-    report naming the reasons), and one outside the training photos' brightness is normalised first.
-    With `always_normalise`, no gate: every photo is normalised to TYPICAL_BRIGHTNESS (the experiment's arm)."""
+_INF = float("inf")
+# No gate at all: nothing refused, nothing normalised (the service before the gate).
+UNGATED = quality.QualityThresholds(
+    min_brightness=-_INF, normalise_below=-_INF, normalise_above=_INF, max_red_green_ratio=_INF,
+    max_brightness=_INF, min_saturation_colour=-_INF, washed_contrast=-_INF, min_contrast=-_INF,
+    min_shadow_ratio=-_INF, min_red_green_ratio=-_INF, min_fine_to_mid=-_INF, min_jpeg_quality=-_INF)
+# No gate, every photo normalised to the typical brightness (the experiment's arm).
+UNGATED_NORMALISED = dataclasses.replace(UNGATED, normalise_below=_INF, dark_target=quality.TYPICAL_BRIGHTNESS)
 
-    def __init__(self, *args, thresholds: quality.QualityThresholds = quality.QualityThresholds(),
-                 always_normalise: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.thresholds, self.always_normalise = thresholds, always_normalise
 
-    def _preprocess_one(self, index: int, data: bytes):
-        try:
-            config = self.preprocess_config
-            bgr, scale, (fmt, width, height, orientation) = decode(data, config)
-            fov = find_field_of_view(bgr, config.min_fov_fraction, config.min_fov_texture)
-            if self.always_normalise:
-                bgr = quality.normalise_exposure(bgr, fov)
-            else:
-                verdict = quality.assess(bgr, fov, jpeg_quality_of(data) if fmt == "JPEG" else None,
-                                         self.thresholds)
-                if not verdict.gradable:
-                    return f"image {index}: ungradable: {', '.join(verdict.reasons)}"
-                bgr = quality.apply_exposure_gain(bgr, verdict.exposure_gain)
-            return preprocess_decoded(bgr, scale, width, height, config, orientation)
-        except ImageError as exc:
-            return f"image {index}: {exc}"
+def gated_pipeline(model: Path, thresholds: quality.QualityThresholds = quality.SERVING_THRESHOLDS) -> Pipeline:
+    """The serving path (`Pipeline`, the ensemble's masks) with the gate's limits and exposure policy set to
+    `thresholds`: `quality.SERVING_THRESHOLDS` is the service; UNGATED the service before the gate."""
+    return Pipeline.from_onnx(model, preprocess_config=PreprocessConfig(quality_thresholds=thresholds))
 
 
 def jpeg_quality_of(data: bytes) -> float | None:
@@ -179,10 +167,13 @@ def gate(data: bytes, config: PreprocessConfig = PreprocessConfig()) -> dict:
 
 
 def serve(pipeline: Pipeline, data: bytes) -> tuple[np.ndarray | None, str | None]:
+    """The served mask, or None and the reason: the photo refused (unreadable) or reported ungradable."""
     try:
         result = pipeline([data])[0]
     except ImageError as exc:
         return None, str(exc)
+    if result.report["status"] == "ungradable":
+        return None, "ungradable: " + ", ".join(result.report["image_quality"]["reasons"])
     return (mask_of(result.mask_png), None) if result.ok else (None, result.report.get("error"))
 
 
@@ -214,7 +205,8 @@ def measure_photo(name: str, data: bytes, pipeline: Pipeline, normalising: Pipel
             gated_mask, gated_error = serve(gated, degraded)  # what the gated service serves
             entry.update({"gated_error": gated_error} if gated_mask is None else
                          {"dice_gated": round(dice(gated_mask, gated_normal), 4),
-                          "gated_gain": round(verdict_of(entry, gated.thresholds).exposure_gain, 4)})
+                          "gated_gain": round(verdict_of(entry, gated.preprocess_config.quality_thresholds)
+                                                     .exposure_gain, 4)})
             if d in NORMALISED_ARM and mask is not None:
                 mask_n, _ = serve(normalising, degraded)
                 if mask_n is not None:
@@ -242,7 +234,7 @@ def verdict_of(entry: dict, thresholds: quality.QualityThresholds) -> quality.Qu
 
 def served_dice(entry: dict, v: quality.QualityAssessment) -> float | None:
     """Dice of the mask the gated service would serve (normalised when the gate says so); None if not served.
-    Measured through GatedPipeline when the thresholds are the recorded ones; else inferred from the arms."""
+    Measured through the gated path when the thresholds are the recorded ones; else inferred from the arms."""
     if "dice" not in entry:
         return None
     if "dice_gated" in entry and v.gradable and round(v.exposure_gain, 4) == entry["gated_gain"]:
@@ -388,8 +380,9 @@ def main() -> None:
                         help="folder of collections (DIR/*/*.jpg): the gate only, for false rejections")
     parser.add_argument("--other-records", type=Path,
                         default=Path(tempfile.gettempdir()) / "quality-other-records.json")
-    parser.add_argument("--policy", choices=sorted(POLICIES), default="outside-range",
-                        help="which photos are normalised: outside the IDRiD range (default) or every photo")
+    parser.add_argument("--policy", choices=sorted(POLICIES), default="every-photo",
+                        help="which photos are normalised: every photo (default: the service's policy) or only "
+                             "those outside the IDRiD range")
     parser.add_argument("--note", default="", help="a line on how the records were made, kept in the results")
     parser.add_argument("--remeasure", action="store_true",
                         help="with --reuse: measure the gate again on every photo and copy (keeps the Dice)")
@@ -399,9 +392,9 @@ def main() -> None:
     if not args.reuse:
         folder = args.photos or (DEFAULT_PHOTOS if DEFAULT_PHOTOS.is_dir() else REPO_ROOT / "samples")
         paths = sorted(folder.glob(args.glob))[: args.limit or None]
-        pipeline = Pipeline.from_onnx(args.model)
-        normalising = GatedPipeline.from_onnx(args.model, always_normalise=True)
-        gated = GatedPipeline.from_onnx(args.model, thresholds=POLICIES[args.policy])
+        pipeline = gated_pipeline(args.model, UNGATED)
+        normalising = gated_pipeline(args.model, UNGATED_NORMALISED)
+        gated = gated_pipeline(args.model, POLICIES[args.policy])
         records = []
         for i, path in enumerate(paths):
             start = time.time()

@@ -15,7 +15,8 @@ from fundus_hemorrhage.png import encode_png
 from fundus_hemorrhage.postprocessing import (PostprocessConfig, find_lesions, min_lesion_area, original_fov_mask,
                                               postprocess, probability_to_original, threshold_level)
 from fundus_hemorrhage.preprocessing import preprocess, to_working
-from fundus_hemorrhage.report import error_report
+from fundus_hemorrhage.quality import QualityAssessment
+from fundus_hemorrhage.report import UNGRADABLE_ANATOMY, error_report
 from tests.conftest import REPO_ROOT, SAMPLE_PHOTOS
 from tests.fundus import encode, synthetic_fundus
 
@@ -153,6 +154,32 @@ def test_empty_prediction_gives_an_empty_mask_and_report():
     result = postprocess(np.zeros((1, S, S), np.float32), g, 0.5, 1)
     assert _decode(result.mask_png).max() == 0
     assert result.report["lesions"] == [] and result.report["totals"]["count"] == 0
+
+
+def test_an_ungradable_photo_gets_an_empty_mask_and_no_lesions_whatever_the_probabilities():
+    g = _geometry()
+    refused = QualityAssessment(False, ("under-exposed", "out of focus"), None)
+    result = postprocess(np.ones((1, S, S), np.float32), g, 0.5, 2, with_probability=True,
+                         anatomy=Anatomy(320, 300, 60, 0.9, FOUND, 200, 320, 0.8, FOUND), image_quality=refused)
+    for png in (result.mask_png, result.probability_png):  # at the photo's own size, all zero
+        image = _decode(png)
+        assert image.shape == (g.height, g.width) and image.max() == 0
+    r = result.report
+    assert r["status"] == "ungradable" and r["schema_version"] == REPORT_SCHEMA_VERSION
+    assert r["image_quality"] == {"gradable": False, "reasons": ["under-exposed", "out of focus"]}
+    assert r["lesions"] == [] and r["totals"] == {"count": 0, "area_px": 0, "area_fov_fraction": 0.0}
+    assert r["image"]["width"] == g.width and r["field_of_view"]["radius"] == round(g.fov_radius, 1)
+    assert r["model"]["version"] == "2"
+    assert r["optic_disc"] is None and r["fovea"] is None and r["findings"] is None
+    assert r["anatomy_reasons"]["optic_disc"] == r["anatomy_reasons"]["fovea"] == UNGRADABLE_ANATOMY
+
+
+def test_a_gradable_photo_reports_its_exposure_normalisation():
+    report = postprocess(np.zeros((1, S, S), np.float32), _geometry(), 0.5, 1,
+                         image_quality=QualityAssessment(True, (), None, 1.23456)).report
+    assert report["status"] == "ok"
+    assert report["image_quality"] == {"gradable": True, "reasons": [], "exposure_normalised": True,
+                                       "exposure_gain": 1.2346}
 
 
 def test_error_report():

@@ -11,32 +11,46 @@ import pytest
 from PIL import Image
 
 from fundus_hemorrhage import quality
-from fundus_hemorrhage.preprocessing import ImageError, PreprocessConfig, decode, find_field_of_view
-from perf.quality_eval import DEGRADATIONS, GatedPipeline, degrade, dice, jpeg_quality_of, mask_of
+from fundus_hemorrhage.preprocessing import ImageError, PreprocessConfig, decode, find_field_of_view, preprocess, \
+    read_header_and_jpeg_quality
+from perf.quality_eval import DEGRADATIONS, UNGATED, degrade, dice, gated_pipeline, jpeg_quality_of, mask_of
 from tests.fundus import encode, synthetic_fundus
 
 SAMPLES = sorted((Path(__file__).resolve().parents[1] / "samples").glob("*.jpg"))
 MODEL = Path(__file__).resolve().parents[1] / "model_repository" / "unet" / "2" / "model.onnx"
 
 
-def verdict(data: bytes) -> quality.QualityAssessment:
-    """The gate on encoded bytes, as preprocess will run it: on the decoded, reduced image."""
+def verdict(data: bytes, thresholds: quality.QualityThresholds = quality.SERVING_THRESHOLDS
+            ) -> quality.QualityAssessment:
+    """The gate on encoded bytes, as preprocess runs it: on the decoded, reduced image."""
     bgr, _, (fmt, *_) = decode(data, PreprocessConfig())
     fov = find_field_of_view(bgr)
-    return quality.assess(bgr, fov, jpeg_quality_of(data) if fmt == "JPEG" else None)
+    return quality.assess(bgr, fov, jpeg_quality_of(data) if fmt == "JPEG" else None, thresholds)
 
 
-def synthetic(transform=lambda bgr: bgr) -> quality.QualityAssessment:
+def synthetic(transform=lambda bgr: bgr, thresholds: quality.QualityThresholds = quality.SERVING_THRESHOLDS
+              ) -> quality.QualityAssessment:
     img, _ = synthetic_fundus(blobs=[(400, 300, 12), (520, 420, 8)])
-    return verdict(encode(transform(img), ".png"))
+    return verdict(encode(transform(img), ".png"), thresholds)
 
 
 # --- generated photos -------------------------------------------------------------------------------------------
 
-def test_synthetic_colour_fundus_is_gradable():
+def test_synthetic_colour_fundus_is_gradable_and_normalised_to_the_typical_brightness():
     v = synthetic()
-    assert v.gradable and v.reasons == () and v.exposure_gain == 1.0
-    assert v.to_report() == {"gradable": True, "reasons": []}
+    assert v.gradable and v.reasons == ()
+    assert v.exposure_gain * v.metrics.brightness == pytest.approx(quality.TYPICAL_BRIGHTNESS)
+    assert v.to_report() == {"gradable": True, "reasons": [], "exposure_normalised": True,
+                             "exposure_gain": round(v.exposure_gain, 4)}
+
+
+def test_the_verdict_crosses_the_quality_tensor_unchanged():
+    for v in (synthetic(), synthetic(lambda bgr: cv2.GaussianBlur(bgr, (0, 0), 6.0))):
+        back = quality.QualityAssessment.from_json(v.to_json())
+        assert (back.gradable, back.reasons, back.exposure_gain) == (v.gradable, v.reasons, v.exposure_gain)
+        assert back.to_report() == v.to_report()
+    with pytest.raises(ValueError):
+        quality.QualityAssessment.from_json(b"")
 
 
 @pytest.mark.parametrize("transform, reason", [
@@ -74,8 +88,9 @@ def test_metrics_do_not_depend_on_the_resolution():
 
 
 @pytest.mark.parametrize("alpha, normalised", [(0.4, True), (0.7, False), (1.0, False), (1.4, True)])
-def test_only_photos_outside_the_training_range_are_normalised(alpha, normalised):
-    v = synthetic(lambda bgr: cv2.convertScaleAbs(bgr, alpha=alpha))
+def test_outside_range_policy_normalises_only_photos_outside_the_training_range(alpha, normalised):
+    """The alternative policy (`QualityThresholds()`), kept measurable by perf/quality_eval.py --policy."""
+    v = synthetic(lambda bgr: cv2.convertScaleAbs(bgr, alpha=alpha), quality.QualityThresholds())
     assert v.gradable, v.reasons
     assert (v.exposure_gain != 1.0) == normalised, v.metrics.brightness
     if normalised:  # dark photos to the gate's dark target, bright ones to the training photos' typical level
@@ -96,10 +111,47 @@ def test_normalise_exposure_scales_the_fov_to_the_typical_brightness_and_keeps_t
 # --- the samples and their degraded copies ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.stem)
-def test_sample_photos_are_gradable_as_they_are(path):
+def test_sample_photos_are_gradable_and_normalised(path):
     v = verdict(path.read_bytes())
     assert v.gradable, v.reasons
-    assert v.exposure_gain == 1.0  # a normal photo is segmented exactly as before the gate
+    assert v.exposure_gain * v.metrics.brightness == pytest.approx(quality.TYPICAL_BRIGHTNESS)
+    # the outside-range policy would leave them as they are
+    assert verdict(path.read_bytes(), quality.QualityThresholds()).exposure_gain == 1.0
+
+
+# --- the gate inside preprocessing (serving and training) ---------------------------------------------------------
+
+def test_preprocess_normalises_a_gradable_photo_and_zeroes_an_ungradable_one():
+    img, _ = synthetic_fundus(blobs=[(400, 300, 12)])
+    dark = preprocess(encode(cv2.convertScaleAbs(img, alpha=0.5), ".png"))
+    normal = preprocess(encode(img, ".png"))
+    assert dark.quality.gradable and dark.quality.exposure_gain > 1.5
+    # the same photo at half the exposure reaches the model almost as the normal one does
+    assert float(np.abs(dark.pixels - normal.pixels).mean()) < 0.02
+    grey = preprocess(encode(cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR), ".png"))
+    assert not grey.quality.gradable and grey.quality.reasons == ("not a colour photograph",)
+    assert not grey.pixels.any() and grey.geometry.width == img.shape[1]  # geometry kept, nothing resampled
+    assert grey.geometry.fov_radius == pytest.approx(normal.geometry.fov_radius, rel=0.02)
+
+
+def test_ungated_preprocessing_is_the_one_before_the_gate():
+    """perf/quality_eval.py's UNGATED arm (the service before the gate): no gain, nothing refused."""
+    data = SAMPLES[0].read_bytes()
+    pre = preprocess(data, PreprocessConfig(quality_thresholds=UNGATED))
+    assert pre.quality.gradable and pre.quality.exposure_gain == 1.0
+    full = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert preprocess(degrade(full, "grayscale"), PreprocessConfig(quality_thresholds=UNGATED)).quality.gradable
+
+
+@pytest.mark.parametrize("q", [10, 50, 95])
+def test_the_header_gives_the_jpeg_quality_that_the_gate_checks(q):
+    img, _ = synthetic_fundus()
+    (fmt, *_), estimate = read_header_and_jpeg_quality(encode(img, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, q]),
+                                                       PreprocessConfig())
+    assert fmt == "JPEG" and estimate == pytest.approx(q, abs=1.5)
+    assert read_header_and_jpeg_quality(encode(img, ".png"), PreprocessConfig())[1] is None
+    pre = preprocess(encode(img, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, q]))
+    assert ("heavily compressed" in pre.quality.reasons) == (q < quality.SERVING_THRESHOLDS.min_jpeg_quality)
 
 
 REFUSED = {  # degradation -> the reason the gate must give, on every sample
@@ -134,18 +186,18 @@ def test_darkened_samples_are_normalised_not_refused():
     pytest.param(quality.QualityThresholds(), id="normalise-outside-idrid-range", marks=pytest.mark.xfail(
         strict=True, reason="IDRiD_11, the dimmest sample (57), over-exposed x1.8 / x2.5 lands inside the range and "
                             "is segmented as is: Dice 0.47 / 0.34 (perf/results/quality-gate.md)")),
-    pytest.param(quality.NORMALISE_EVERY_PHOTO, id="normalise-every-photo"),
+    pytest.param(quality.SERVING_THRESHOLDS, id="served-normalise-every-photo"),
 ])
 def test_every_degraded_sample_is_refused_or_segmented_like_the_normal_photo(thresholds):
     """The issue's check, in process: each degraded copy is reported ungradable, or its mask has Dice >= 0.5
-    with the normal photo's mask (both through the gated serving path and the served model)."""
-    pipeline = GatedPipeline.from_onnx(MODEL, thresholds=thresholds)
+    with the normal photo's mask (both through the serving path with the gate, and the served model)."""
+    pipeline = gated_pipeline(MODEL, thresholds)
     failures = []
     try:
         for path in SAMPLES:
             data = path.read_bytes()
             normal = pipeline([data])[0]
-            assert normal.ok, normal.report
+            assert normal.gradable, normal.report
             full = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
             for name in DEGRADATIONS:
                 try:
@@ -153,9 +205,17 @@ def test_every_degraded_sample_is_refused_or_segmented_like_the_normal_photo(thr
                 except ImageError as exc:  # a one-photo request whose photo is refused, with the reason
                     assert str(exc).startswith("image 0: ") and len(str(exc)) > len("image 0: "), (path.name, name)
                     continue
+                if result.report["status"] == "ungradable":
+                    assert result.report["image_quality"]["reasons"], (path.name, name)
+                    assert not mask_of(result.mask_png).any()
+                    continue
                 score = dice(mask_of(result.mask_png), mask_of(normal.mask_png))
                 if score < 0.5:
                     failures.append((path.name, name, round(score, 3)))
     finally:
         pipeline.close()
     assert not failures
+
+
+def test_the_service_default_is_the_served_policy():
+    assert PreprocessConfig().quality_thresholds == quality.SERVING_THRESHOLDS == quality.NORMALISE_EVERY_PHOTO

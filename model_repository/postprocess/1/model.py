@@ -1,10 +1,11 @@
 """Triton adapter for fundus_hemorrhage.postprocessing:
-PROBABILITY, THRESHOLD, MODEL_VERSION, GEOMETRY, ERROR, ANATOMY -> MASK, LESIONS, PROBABILITY_PNG per photo.
+PROBABILITY, THRESHOLD, MODEL_VERSION, GEOMETRY, ERROR, ANATOMY, QUALITY -> MASK, LESIONS, PROBABILITY_PNG per photo.
 
 Each photo is thresholded at the THRESHOLD that came with its probabilities, and its report names the
 MODEL_VERSION that produced them: nothing is looked up on disk. PROBABILITY_PNG is computed only when the request
 carries the parameter `probability` = true; otherwise it is an empty string. ANATOMY (the optic disc and fovea
-that preprocess found on the working grid) places the lesions in the retinal frame (report schema 2.0).
+that preprocess found on the working grid) places the lesions in the retinal frame (report schema 2.0). QUALITY
+(the image-quality verdict, JSON) makes an ungradable photo's answer an empty mask and status "ungradable".
 """
 
 import json
@@ -18,6 +19,7 @@ from fundus_hemorrhage.anatomy_tensor import Anatomy
 from fundus_hemorrhage.geometry import Geometry
 from fundus_hemorrhage.metrics import LesionMetrics
 from fundus_hemorrhage.postprocessing import PostprocessConfig, postprocess
+from fundus_hemorrhage.quality import QualityAssessment
 from fundus_hemorrhage.report import error_report
 
 
@@ -37,14 +39,15 @@ class TritonPythonModel:
         self.pool = ThreadPoolExecutor(int(params.get("threads", "2")))
         self.lesion_metrics = LesionMetrics()  # per-version lesion count and area histograms on /metrics
 
-    def _one(self, i, probability, threshold, version, geometry, anatomy, error, with_probability):
+    def _one(self, i, probability, threshold, version, geometry, anatomy, error, quality, with_probability):
         """(mask PNG, report, probability PNG) for photo i; never raises."""
         error = error.decode() if isinstance(error, bytes) else str(error)
         if error:
             return b"", error_report(i, error), b""
         try:
             result = postprocess(probability, Geometry.from_vector(geometry), float(threshold[0]), int(version[0]),
-                                 self.config, with_probability, Anatomy.from_vector(anatomy))
+                                 self.config, with_probability, Anatomy.from_vector(anatomy),
+                                 QualityAssessment.from_json(quality))
         except Exception as exc:  # never let one photo fail the request
             self.logger.log_error(f"postprocess: image {i} failed: {exc!r}")
             return b"", error_report(i, f"image {i}: postprocessing failed ({type(exc).__name__})"), b""
@@ -57,9 +60,10 @@ class TritonPythonModel:
             inputs = [pb_utils.get_input_tensor_by_name(request, name).as_numpy()
                       for name in (c.PROBABILITY, c.THRESHOLD, c.MODEL_VERSION, c.GEOMETRY, c.ANATOMY)]
             errors = pb_utils.get_input_tensor_by_name(request, c.ERROR).as_numpy().reshape(-1)
+            quality = pb_utils.get_input_tensor_by_name(request, c.QUALITY).as_numpy().reshape(-1)
             with_probability = wants_probability(request)
             masks, reports, probabilities = zip(*self.pool.map(
-                lambda i: self._one(i, *(x[i] for x in inputs), errors[i], with_probability),
+                lambda i: self._one(i, *(x[i] for x in inputs), errors[i], quality[i], with_probability),
                 range(len(errors))))
             for report in reports:
                 self.lesion_metrics.record(report)

@@ -1,6 +1,9 @@
-"""Triton adapter for fundus_hemorrhage.preprocessing: IMAGE [N, 1] bytes -> PIXELS, GEOMETRY, ERROR per photo,
-and ANATOMY: the optic disc and fovea on the working grid (fundus_hemorrhage.anatomy), one detector call on the
-request's readable photos.
+"""Triton adapter for fundus_hemorrhage.preprocessing: IMAGE [N, 1] bytes -> PIXELS, GEOMETRY, ERROR, QUALITY per
+photo, and ANATOMY: the optic disc and fovea on the working grid (fundus_hemorrhage.anatomy), one detector call on
+the request's readable, gradable photos.
+
+QUALITY is the image-quality gate's verdict as JSON (fundus_hemorrhage.quality.QualityAssessment.to_json): an
+ungradable photo gets zero PIXELS and is answered by postprocess with status "ungradable" (not an error).
 
 A photo that cannot be read gets zero PIXELS and its reason in ERROR, so that the others in the same
 request are still processed; a request in which no photo can be read fails with INVALID_ARG, and so does a
@@ -44,19 +47,19 @@ class TritonPythonModel:
         self.anatomy = AnatomyDetector(threads=1)
 
     def _one(self, index, data):
-        """(pixels, geometry vector, error text) for one photo; never raises."""
+        """(pixels, geometry vector, error text, quality verdict or None) for one photo; never raises."""
         try:
             if not isinstance(data, bytes):
                 raise ImageError(f"expected image bytes, got {type(data).__name__}")
             result = preprocess(data, self.config)
-            return result.pixels, result.geometry.to_vector(), ""
+            return result.pixels, result.geometry.to_vector(), "", result.quality
         except ImageError as exc:
             reason = str(exc)
         except Exception as exc:  # a bug or an exotic file must not take the neighbours down
             self.logger.log_error(f"preprocess: unexpected failure on image {index}: {exc!r}")
             reason = f"could not be processed ({type(exc).__name__})"
         zeros = np.zeros((3, self.working_size, self.working_size), np.float32)
-        return zeros, np.zeros(c.GEOMETRY_LENGTH), f"image {index}: {reason}"
+        return zeros, np.zeros(c.GEOMETRY_LENGTH), f"image {index}: {reason}", None
 
     def _anatomy(self, pixels):
         """ANATOMY [N, ANATOMY_LENGTH]; a detector failure leaves the landmarks unknown, never fails the photos."""
@@ -76,17 +79,19 @@ class TritonPythonModel:
                     f"request carries {total} bytes of images ({len(images)} photos), over the limit of "
                     f"{self.max_request_bytes} bytes per request", pb_utils.TritonError.INVALID_ARG)))
                 continue
-            pixels, geometry, errors = zip(*self.pool.map(self._one, range(len(images)), images))
+            pixels, geometry, errors, verdicts = zip(*self.pool.map(self._one, range(len(images)), images))
             if all(errors):
                 responses.append(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError("; ".join(errors), pb_utils.TritonError.INVALID_ARG)))
                 continue
-            anatomy = self._anatomy([None if e else p for p, e in zip(pixels, errors)])
+            anatomy = self._anatomy([p if v is not None and v.gradable else None for p, v in zip(pixels, verdicts)])
+            quality = [b"" if v is None else v.to_json() for v in verdicts]
             responses.append(pb_utils.InferenceResponse([
                 pb_utils.Tensor(c.PIXELS, np.stack(pixels).astype(self.dtypes[c.PIXELS], copy=False)),
                 pb_utils.Tensor(c.GEOMETRY, np.stack(geometry).astype(self.dtypes[c.GEOMETRY], copy=False)),
                 pb_utils.Tensor(c.ERROR, np.array(errors, dtype=np.object_).reshape(-1, 1)),
                 pb_utils.Tensor(c.ANATOMY, anatomy.astype(self.dtypes[c.ANATOMY], copy=False)),
+                pb_utils.Tensor(c.QUALITY, np.array(quality, dtype=np.object_).reshape(-1, 1)),
             ]))
         return responses
 

@@ -36,7 +36,8 @@ class ServerNotReady(Exception):
 class PhotoResult:
     """One photo's answer: MASK PNG (8-bit, 255 = haemorrhage, at the photo's size), the LESIONS report (parsed),
     PROBABILITY PNG (b"" unless asked), or `error`, the reason it has none (its report then says
-    {"status": "error"}). `seconds`: its share of the round trip of the request that answered it."""
+    {"status": "error"}, or {"status": "ungradable"} with an empty mask: `error` names the image-quality reasons).
+    `seconds`: its share of the round trip of the request that answered it."""
     mask_png: bytes
     report: dict
     probability_png: bytes = b""
@@ -165,7 +166,9 @@ def segment_batch(client, protocol: str, images: Sequence[bytes], probability: b
         except (TypeError, ValueError):
             report = error_report("malformed lesion report from the server")
         error = ""
-        if report.get("status") != "ok":
+        if report.get("status") == "ungradable":  # answered, not segmented: never to be read as "no lesions"
+            error = "ungradable photo: " + ", ".join((report.get("image_quality") or {}).get("reasons") or ["?"])
+        elif report.get("status") != "ok":
             error = photo_reason(str(report.get("error") or "the server reported an error"))
         elif not mask:
             error = "the server returned no mask"

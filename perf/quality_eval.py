@@ -35,7 +35,7 @@ from PIL import Image
 
 from fundus_hemorrhage import quality
 from fundus_hemorrhage.pipeline import Pipeline
-from fundus_hemorrhage.preprocessing import ImageError, PreprocessConfig, decode, find_field_of_view
+from fundus_hemorrhage.preprocessing import ImageError, PreprocessConfig, decode, find_field_of_view, preprocess
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PHOTOS = REPO_ROOT.parent / "shared" / "data" / "idrid_he" / "images"
@@ -367,6 +367,24 @@ def markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def preprocess_cost(paths: list[Path], repeats: int) -> dict:
+    """ms per photo of `preprocess` (decode to model input) with the gate (the service) and without (UNGATED),
+    interleaved so that both see the same machine load; medians over `repeats` rounds, per photo."""
+    configs = {"gated": PreprocessConfig(), "ungated": PreprocessConfig(quality_thresholds=UNGATED)}
+    out = {}
+    for path in paths:
+        data = path.read_bytes()
+        times: dict[str, list[float]] = {k: [] for k in configs}
+        for _ in range(repeats):
+            for name, config in configs.items():
+                start = time.perf_counter()
+                preprocess(data, config)
+                times[name].append((time.perf_counter() - start) * 1e3)
+        out[path.name] = {k: round(float(np.median(v)), 1) for k, v in times.items()}
+        out[path.name]["extra"] = round(out[path.name]["gated"] - out[path.name]["ungated"], 1)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", type=Path, default=None, help="folder of photos (default: IDRiD if present)")
@@ -388,7 +406,14 @@ def main() -> None:
                         help="with --reuse: measure the gate again on every photo and copy (keeps the Dice)")
     parser.add_argument("--reuse", action="store_true", help="recompute the verdicts from --records only")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
+    parser.add_argument("--cost", type=int, default=0, metavar="ROUNDS",
+                        help="only time preprocess with and without the gate on --photos (default samples/), "
+                             "ROUNDS rounds, and print the medians as JSON")
     args = parser.parse_args()
+    if args.cost:
+        paths = sorted((args.photos or REPO_ROOT / "samples").glob(args.glob))[: args.limit or None]
+        print(json.dumps(preprocess_cost(paths, args.cost), indent=1))
+        return
     if not args.reuse:
         folder = args.photos or (DEFAULT_PHOTOS if DEFAULT_PHOTOS.is_dir() else REPO_ROOT / "samples")
         paths = sorted(folder.glob(args.glob))[: args.limit or None]

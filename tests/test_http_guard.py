@@ -406,3 +406,35 @@ def test_grpc_guard_terminates_mutual_tls(tmp_path):
         assert client.is_server_ready()
     finally:
         stop_server(server)
+
+
+def test_guard_configurations_and_the_opt_outs(tmp_path):
+    """Each combination of guarded ports gives a configuration HAProxy accepts; --no-grpc-proxy leaves Triton's
+    gRPC endpoint (and its own TLS) on the public port."""
+    import serve
+    from fundus_hemorrhage.serving import launcher, proxy
+
+    lua = tmp_path / "grpc.lua"
+    lua.write_text(proxy.grpc_refuse_lua())
+    for http, grpc in (((18000, 18100), None), (None, proxy.GrpcGuard(18001, 18101)),
+                       ((18000, 18100), proxy.GrpcGuard(18001, 18101))):
+        config = tmp_path / "haproxy.cfg"
+        config.write_text(proxy.haproxy_config("0.0.0.0", http, 2**30, grpc, lua))
+        check = subprocess.run([proxy.find_haproxy(), "-c", "-q", "-f", str(config)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert ("use-service lua.grpc_compressed" in config.read_text()) == (grpc is not None)
+    args = serve.parse_args(["--no-grpc-proxy"])
+    args.max_request_bytes = 2**30
+    guard, triton_http, triton_grpc = launcher.port_guard(args, tmp_path)
+    assert guard.grpc is None and guard.http == (args.http_port, triton_http[1]) and triton_grpc is None
+    args = serve.parse_args(["--no-http-proxy", "--no-grpc-proxy"])
+    assert launcher.port_guard(args, tmp_path) == (None, None, None)
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not read here")
+    args = serve.parse_args(["--grpc-tls-cert", str(cert), "--grpc-tls-key", str(cert)])
+    args.max_request_bytes = 2**30
+    guard, _, triton_grpc = launcher.port_guard(args, tmp_path)
+    assert guard.grpc.tls_cert == cert.resolve() and triton_grpc[0] == "127.0.0.1"
+    command = launcher.triton_command(args, Path("tritonserver"), None, "k", grpc=triton_grpc)
+    assert f"--grpc-port={triton_grpc[1]}" in command and "--grpc-use-ssl=true" not in command  # HAProxy's TLS
+    assert "--grpc-use-ssl=true" in launcher.triton_command(args, Path("tritonserver"), None, "k")

@@ -96,3 +96,18 @@ def test_normalising_the_normal_photos_costs_no_accuracy(served):
             assert dice(after, truth) >= dice(before, truth) - 0.02, path.name
     finally:
         pipeline.close()
+
+
+def test_ungradable_photos_do_not_fail_the_request_or_touch_their_neighbours(triton_server, served):
+    """A request of only ungradable photos succeeds (it is not INVALID_ARGUMENT, as an all-unreadable one is); mixed
+    with a readable and an unreadable photo, each gets its own answer; PROBABILITY, if asked, is all zero too."""
+    path = SAMPLE_PHOTOS[0]
+    full = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+    grey = degrade(full, "grayscale")
+    client = make_client(triton_server.grpc_url, "grpc")
+    [alone] = segment_batch(client, "grpc", [grey])
+    assert alone.report["status"] == "ungradable"
+    results = segment_batch(client, "grpc", [grey, path.read_bytes(), b"not a photo"], probability=True)
+    assert [r.report["status"] for r in results] == ["ungradable", "ok", "error"]
+    assert not cv2.imdecode(np.frombuffer(results[0].probability_png, np.uint8), cv2.IMREAD_UNCHANGED).any()
+    assert results[1].mask_png == served[path.name][0].mask_png  # the neighbour is served as when alone

@@ -132,14 +132,16 @@ class TritonPythonModel:
             error = pb_utils.TritonError(f"unet version {version if version != NEWEST else 'newest'}: "
                                          f"{response.error().message()}")
             return [pb_utils.InferenceResponse(error=error) for _ in members]
-        outputs = {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in OUTPUTS}
+        tensors = {name: pb_utils.get_output_tensor_by_name(response, name) for name in OUTPUTS}
+        outputs = {name: tensor.as_numpy() for name, tensor in tensors.items()}
         served = int(outputs[c.MODEL_VERSION].reshape(-1)[0])
-        splits = np.cumsum(sizes)[:-1]
-        parts = {name: np.split(array, splits) for name, array in outputs.items()}
         for (_, route), n in zip(members, sizes):
             self.metrics.route(served, route, n)
         if self.shadow_pool is not None and served != self.shadow_version:
             self.maybe_shadow(served, batch.as_numpy(), outputs)
+        if len(members) == 1:  # unet's tensors as they came (as in Triton's BLS example): no copy
+            return [pb_utils.InferenceResponse(list(tensors.values()))]
+        parts = {name: np.split(array, np.cumsum(sizes)[:-1]) for name, array in outputs.items()}
         return [pb_utils.InferenceResponse([pb_utils.Tensor(name, parts[name][k]) for name in OUTPUTS])
                 for k in range(len(members))]
 

@@ -313,8 +313,8 @@ def working_fov_mask(geometry: Geometry, working_size: int) -> np.ndarray:
 def preprocess_decoded(bgr: np.ndarray, scale: float, width: int, height: int, config: PreprocessConfig,
                        orientation: int = 1, jpeg_quality: float | None = None) -> Preprocessed:
     """Decoded BGR uint8 pixels (reduced by `scale`) of a photo stored width x height -> model input, geometry and
-    the image-quality verdict (`config.quality_thresholds`; `jpeg_quality` from `read_header_and_jpeg_quality`, None: not
-    checked). Raises ImageError when there is no field of view.
+    the image-quality verdict (`config.quality_thresholds`; `jpeg_quality` from `read_header_and_jpeg_quality`,
+    None: not checked). Raises ImageError when there is no field of view.
 
     Gradable: the exposure gain is applied and the FOV found again on the normalised pixels (what the model sees),
     then crop, resize, CLAHE. Ungradable: the geometry of the FOV as decoded and all-zero pixels (nothing is

@@ -5,6 +5,7 @@ The command line of fundus_hemorrhage.client.
 
     python segment.py PATH [PATH ...] --output DIR [--url HOST:PORT] [--protocol grpc|http]
                       [--batch-size 8] [--probability] [--concurrency 2] [--timeout S]
+                      [--routing-key KEY] [--unet-version N]
 
 PATH is a photo or a folder; folders are searched recursively for .jpg .jpeg .png .tif .tiff .bmp files
 (hidden files and the output folder are skipped). A photo named explicitly is sent whatever its extension.
@@ -142,7 +143,7 @@ def failed(photo: Photo, reason: str, seconds: float = 0.0, report: dict | None 
 
 
 def process_batch(client, protocol: str, photos: list[Photo], probability: bool, timeout: float,
-                  output: Path) -> list[PhotoOutput]:
+                  output: Path, parameters: dict | None = None) -> list[PhotoOutput]:
     """Segment `photos` in one request (retried photo by photo if refused) and write their outputs."""
     readable, images, results = [], [], []
     for photo in photos:
@@ -151,7 +152,7 @@ def process_batch(client, protocol: str, photos: list[Photo], probability: bool,
             readable.append(photo)
         except OSError as exc:
             results.append(finish_one(failed(photo, f"cannot read the file: {exc.strerror or exc}"), output))
-    answers = service.segment(client, protocol, images, probability, timeout)
+    answers = service.segment(client, protocol, images, probability, timeout, parameters)
     for photo, data, answer in zip(readable, images, answers):
         if answer.ok:
             done = PhotoOutput(photo, True, answer.report, answer.mask_png, answer.probability_png,
@@ -302,6 +303,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, metavar="N",
                    help=f"photos per request, 1..{MAX_BATCH_SIZE} (default 8)")
     p.add_argument("--probability", action="store_true", help="also write <stem>_probability.png")
+    p.add_argument("--routing-key", metavar="KEY",
+                   help="A/B routing: a pseudonymous patient or study id; its photos always get the same unet version")
+    p.add_argument("--unet-version", type=int, metavar="N", help="A/B routing: pin this unet version")
     p.add_argument("--concurrency", type=int, default=2, metavar="N", help="requests in flight (default 2)")
     p.add_argument("--timeout", type=float, default=300.0, metavar="S",
                    help="seconds to wait for one request (default 300)")
@@ -348,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(local, "client", None) is None:
             local.client = service.make_client(args.url, args.protocol, args.timeout)
         try:
-            return process_batch(local.client, args.protocol, batch, args.probability, args.timeout, args.output)
+            return process_batch(local.client, args.protocol, batch, args.probability, args.timeout, args.output,
+                                 service.routing_parameters(args.routing_key, args.unet_version))
         except Exception as exc:  # a bug must not lose the rest of the run
             return [failed(p, f"internal error: {service.error_text(exc)}") for p in batch]
 

@@ -132,28 +132,42 @@ def image_input(protocol: str, images: Sequence[bytes]):
     return image
 
 
+def routing_parameters(routing_key: str | None = None, unet_version: int | None = None) -> dict:
+    """Request parameters of the A/B router: a sticky `routing_key` (pseudonymous patient or study id) and/or a
+    pinned `unet_version` (README, "A/B testing between unet versions")."""
+    out: dict = {}
+    if routing_key:
+        out[c.ROUTING_KEY_PARAMETER] = str(routing_key)
+    if unet_version is not None:
+        out[c.UNET_VERSION_PARAMETER] = int(unet_version)
+    return out
+
+
 def infer(client, protocol: str, images, probability: bool | None = None, outputs: Sequence[str] = ALL_OUTPUTS,
-          timeout: float | None = None):
+          timeout: float | None = None, parameters: dict | None = None):
     """One ensemble request; tritonclient's InferResult. `images`: the photos' bytes, or an input made by
     `image_input` (to send the same photos again without copying them). `probability` sets the request
-    parameter contract.PROBABILITY_PARAMETER when not None. `timeout`: seconds, gRPC only. Raises tritonclient's
-    InferenceServerException when the server refuses the request."""
+    parameter contract.PROBABILITY_PARAMETER when not None; `parameters` adds others (e.g. `routing_parameters`).
+    `timeout`: seconds, gRPC only. Raises tritonclient's InferenceServerException when the server refuses the
+    request."""
     module = client_module(protocol)
     image = image_input(protocol, images) if isinstance(images, (list, tuple)) else images
     kwargs = {}
-    if probability is not None:
-        kwargs["parameters"] = {c.PROBABILITY_PARAMETER: probability}
+    if probability is not None or parameters:
+        kwargs["parameters"] = dict(parameters or {})
+        if probability is not None:
+            kwargs["parameters"][c.PROBABILITY_PARAMETER] = probability
     if protocol == "grpc" and timeout:
         kwargs["client_timeout"] = timeout
     return client.infer(c.ENSEMBLE, [image], outputs=[module.InferRequestedOutput(n) for n in outputs], **kwargs)
 
 
 def segment_batch(client, protocol: str, images: Sequence[bytes], probability: bool = False,
-                  timeout: float | None = None) -> list[PhotoResult]:
+                  timeout: float | None = None, parameters: dict | None = None) -> list[PhotoResult]:
     """One request, a result per photo in order; a photo the ensemble reported as unreadable, or answered without
     a mask, has `error` set. Raises when the request as a whole fails (refused, unreachable, malformed reply)."""
     names = [c.MASK, c.LESIONS] + ([c.PROBABILITY] if probability else [])
-    result = infer(client, protocol, list(images), True if probability else None, names, timeout)
+    result = infer(client, protocol, list(images), True if probability else None, names, timeout, parameters)
     masks = result.as_numpy(c.MASK).reshape(-1)
     reports = result.as_numpy(c.LESIONS).reshape(-1)
     probs = result.as_numpy(c.PROBABILITY).reshape(-1) if probability else [b""] * len(images)
@@ -182,7 +196,7 @@ def error_report(reason: str) -> dict:
 
 
 def segment(client, protocol: str, images: Sequence[bytes], probability: bool = False,
-            timeout: float | None = None) -> list[PhotoResult]:
+            timeout: float | None = None, parameters: dict | None = None) -> list[PhotoResult]:
     """A result per photo, in order; never raises for a failed photo or request (the photo's `error` says why).
 
     A request refused as a whole (every photo unreadable, or one the server cannot take) is retried photo by
@@ -192,10 +206,11 @@ def segment(client, protocol: str, images: Sequence[bytes], probability: bool = 
         return []
     start = time.monotonic()
     try:
-        results = segment_batch(client, protocol, images, probability, timeout)
+        results = segment_batch(client, protocol, images, probability, timeout, parameters)
     except Exception as exc:
         if len(images) > 1 and not server_unavailable(exc):
-            return [r for image in images for r in segment(client, protocol, [image], probability, timeout)]
+            return [r for image in images
+                    for r in segment(client, protocol, [image], probability, timeout, parameters)]
         reason = photo_reason(error_text(exc)) if len(images) == 1 else f"request failed: {error_text(exc)}"
         results = [PhotoResult(b"", error_report(reason), error=reason) for _ in images]
     share = (time.monotonic() - start) / len(images)

@@ -329,3 +329,19 @@ def test_index_html_renders_in_a_headless_browser(triton_server, tmp_path):
     pixels = cv2.imread(str(shot), cv2.IMREAD_COLOR)
     assert pixels is not None and pixels.std() > 10
     assert np.count_nonzero(np.any(pixels < 200, axis=2)) > 0.05 * pixels.shape[0] * pixels.shape[1]
+
+
+def test_routing_parameters_reach_the_router(triton_server, tmp_path):
+    """--unet-version pins the version (named in the report); an unknown one is refused naming it."""
+    newest = max(int(d.name) for d in (REPO_ROOT / "model_repository" / "unet").iterdir() if d.name.isdigit())
+    out = tmp_path / "pinned"
+    proc = run_segment(SAMPLE_PHOTOS[0], "--output", out, "--url", triton_server.grpc_url,
+                       "--unet-version", newest, "--routing-key", "patient-17")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((out / f"{SAMPLE_PHOTOS[0].stem}_lesions.json").read_text())
+    assert report["model"]["version"] == str(newest)
+    proc = run_segment(SAMPLE_PHOTOS[0], "--output", tmp_path / "refused", "--url", triton_server.grpc_url,
+                       "--unet-version", 999)
+    assert proc.returncode == 1 and "999" in proc.stdout, proc.stdout + proc.stderr
+    assert service.routing_parameters("k", 3) == {"routing_key": "k", "unet_version": 3}
+    assert service.routing_parameters() == {}

@@ -7,11 +7,12 @@ that the contract can import the layout without importing the detector (which im
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from .tensor_row import TensorRow
 
 REASONS = (
     "",  # 0: found
@@ -25,12 +26,14 @@ FOUND, NO_DISC, NO_FOVEA, OUTSIDE, IMPLAUSIBLE, UNAVAILABLE = range(len(REASONS)
 
 
 @dataclass(frozen=True)
-class Anatomy:
+class Anatomy(TensorRow):
     """One photo's landmarks on the working grid (pixels of contract.WORKING_SIZE); NaN where not found.
 
     `disc_reason` / `fovea_reason` index REASONS (0: found). Confidences are in [0, 1] even when not found.
     `disc_diameter` is NaN exactly when the disc is not found.
     """
+
+    ROW_DTYPE = np.float32  # one row of the ANATOMY tensor
 
     disc_x: float
     disc_y: float
@@ -41,18 +44,6 @@ class Anatomy:
     fovea_y: float
     fovea_confidence: float
     fovea_reason: int
-
-    def to_vector(self) -> np.ndarray:
-        """float32 [ANATOMY_LENGTH], in field order: one row of the ANATOMY tensor."""
-        return np.array(dataclasses.astuple(self), dtype=np.float32)
-
-    @classmethod
-    def from_vector(cls, v: np.ndarray) -> "Anatomy":
-        """Inverse of `to_vector`. Raises ValueError on a vector of the wrong length."""
-        v = np.asarray(v, dtype=np.float64).reshape(-1)
-        if v.size != ANATOMY_LENGTH:
-            raise ValueError(f"anatomy vector has {v.size} values, expected {ANATOMY_LENGTH}")
-        return cls(*(int(x) if f.type == "int" else float(x) for f, x in zip(dataclasses.fields(cls), v)))
 
     @classmethod
     def unavailable(cls) -> "Anatomy":
@@ -68,5 +59,5 @@ class Anatomy:
         return self.fovea_reason == FOUND
 
 
-ANATOMY_FIELDS = tuple(f.name for f in dataclasses.fields(Anatomy))
+ANATOMY_FIELDS = Anatomy.row_fields()
 ANATOMY_LENGTH = len(ANATOMY_FIELDS)

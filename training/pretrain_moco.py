@@ -13,14 +13,14 @@ p=0.5); pixels outside the FOV are zeroed as in serving.
 
 Optimiser: SGD (momentum 0.9, weight decay 1e-4) with a linear warm-up and a cosine schedule. `--batch-size` is
 per process; under torchrun the queue is filled with every process's keys and BN is shuffled across processes.
-Rank 0 writes `last.pt` (stage "moco") after every epoch: its `state_dict` is the query encoder's, which
-train_segmentation --init loads into `model.encoder`; `--channels` and `--working-size` must match there.
+Rank 0 writes a resumable state.pt every --checkpoint-every steps (training.resumable: the same command continues
+an interrupted run) and `last.pt` (stage "moco") at the end: its `state_dict` is the query encoder's, which
+train_segmentation --init loads into `model.encoder`; the architecture and `--working-size` must match there.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import math
 import time
@@ -30,15 +30,17 @@ import cv2
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from fundus_hemorrhage.preprocessing import PreprocessConfig
 
-from .common import DEFAULT_DATA, REPO_ROOT, Distributed, json_safe, log_json, save_checkpoint, set_cpu_threads
-from .data import Example, augment, list_images, load_labelled, load_unlabeled, split_ids
-from .model import DEFAULT_CHANNELS
+from .common import (DEFAULT_DATA, REPO_ROOT, Distributed, format_record, json_safe, load_checkpoint, log_json,
+                     save_checkpoint, set_cpu_threads)
+from .data import Example, augment, list_images, load_manifest_images, load_unlabeled, split_ids
+from .model import ARCHITECTURES, DEFAULT_CHANNELS
 from .moco import MoCo
+from .resumable import FINAL, StepSampler, is_finished, load_state, save_state, truncate_log
 
 
 def strong_photometric(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
@@ -116,7 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"folder of photos (searched recursively); repeat for several (default: "
                         f"{DEFAULT_DATA / 'fundus_unlabeled'})")
     p.add_argument("--manifest", type=Path, default=None,
-                   help="also pretrain on the images (not the labels) of this manifest's train split (default: no)")
+                   help="also pretrain on the images (not the labels) of this manifest's photos outside its val "
+                        "split: train and the never-annotated ones (default: no)")
     p.add_argument("--holdout-manifest", type=Path, default=DEFAULT_DATA / "idrid_he" / "manifest.csv",
                    help="photos of this manifest's val split are left out of pretraining (default: %(default)s)")
     p.add_argument("--output", type=Path, required=True, help="run folder: last.pt and log.jsonl")
@@ -130,7 +133,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--working-size", type=int, default=PreprocessConfig().working_size,
                    help="preprocessing working size; use the fine-tuning one (default: %(default)s, serving's)")
     p.add_argument("--channels", type=int, nargs="+", default=list(DEFAULT_CHANNELS),
-                   help="encoder widths; must match fine-tuning (default: %(default)s)")
+                   help="lean encoder widths; must match fine-tuning (default: %(default)s)")
+    p.add_argument("--architecture", default=ARCHITECTURES[0], choices=ARCHITECTURES,
+                   help="encoder to pretrain; must match fine-tuning (default: %(default)s)")
+    p.add_argument("--width", type=float, default=1.0, help="efficientnet-lite0 width multiplier")
+    p.add_argument("--imagenet", action="store_true", help="start the efficientnet-lite0 encoder from ImageNet")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: cores / processes)")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between resumable states")
+    p.add_argument("--restart", action="store_true", help="ignore an existing state.pt / last.pt")
     p.add_argument("--lr", type=float, default=0.03, help="SGD peak learning rate (default: 0.03)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(default: 1e-4)")
     p.add_argument("--warmup-steps", type=int, default=100, help="(default: 100)")
@@ -146,21 +156,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=REPO_ROOT / ".cache" / "preprocessed",
                    help="preprocessed-photo cache (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    # Test hook: every rank saves its full MoCo state_dict as DIR/rank{R}.pt at the end, so that a test can
-    # check that DDP kept the ranks identical. Not for normal use.
+    # Test hooks: every rank saves its full MoCo state_dict as DIR/rank{R}.pt at the end, so that a test can
+    # check that DDP kept the ranks identical; the run stops (as if killed) after saving the state of step K.
     p.add_argument("--save-rank-states", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--stop-after-step", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.unlabeled is None:
         args.unlabeled = [DEFAULT_DATA / "fundus_unlabeled"]
-    if args.patch % 16:
-        p.error("--patch must be a multiple of 16 (the encoder downsamples 4 times)")
+    if args.patch % 32:
+        p.error("--patch must be a multiple of 32 (the encoders downsample up to 5 times)")
+    if args.imagenet and args.architecture == ARCHITECTURES[0]:
+        p.error("--imagenet needs --architecture efficientnet-lite0")
     return args
+
+
+def encoder_config(args: argparse.Namespace) -> dict:
+    """The encoder's part of the segmentation model config (what train_segmentation --init must match)."""
+    if args.architecture == ARCHITECTURES[0]:
+        return {"channels": list(args.channels), "in_channels": 3}
+    return {"architecture": args.architecture, "width": args.width}
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if not args.restart and is_finished(args.output):
+        print(f"{args.output} is finished ({FINAL} exists): nothing to do", flush=True)
+        return load_checkpoint(args.output / FINAL)["metrics"]
     world = Distributed(args.device)
     set_cpu_threads(world.world_size)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     pre_config = PreprocessConfig(working_size=args.working_size)
 
@@ -168,67 +193,92 @@ def main(argv: list[str] | None = None) -> dict:
     photos = [ex for folder in args.unlabeled for ex in load_unlabeled(folder, pre_config, args.cache, holdout)]
     n_unlabeled = len(photos)
     if args.manifest is not None:
-        photos += [dataclasses.replace(ex, target=None)
-                   for ex in load_labelled(args.manifest, "train", pre_config, args.cache)]
-    dataset = TwoViewDataset(photos, args.patch, args.steps_per_epoch * args.batch_size * world.world_size,
-                             args.seed)
-    sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed) if world.enabled else None
-    loader = DataLoader(dataset, args.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
-                        num_workers=args.workers, prefetch_factor=4 if args.workers else None,
-                        persistent_workers=args.workers > 0, pin_memory=world.device.type == "cuda")
+        photos += load_manifest_images(args.manifest, pre_config, args.cache)
+    total_steps = args.epochs * args.steps_per_epoch
+    dataset = TwoViewDataset(photos, args.patch, total_steps * args.batch_size * world.world_size, args.seed)
 
-    moco = MoCo(tuple(args.channels), dim=args.dim, queue_size=args.queue_size, momentum=args.momentum,
-                temperature=args.temperature).to(world.device)
+    moco = MoCo(encoder_config(args) | {"imagenet": args.imagenet}, dim=args.dim, queue_size=args.queue_size,
+                momentum=args.momentum, temperature=args.temperature).to(world.device)
     model = (DistributedDataParallel(moco, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
              if world.enabled else moco)
     optimizer = torch.optim.SGD(list(moco.query_parameters()), lr=args.lr, momentum=0.9,
                                 weight_decay=args.weight_decay)
-    total_steps = args.epochs * args.steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps))
                                                  * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps))))
+    resumables = {"moco": moco, "optimizer": optimizer, "schedule": schedule}
+    step, running, elapsed_before = 0, {"loss": 0.0, "top1": 0.0}, 0.0
+    resumed = None if args.restart else load_state(args.output, resumables)
+    if resumed is not None:
+        step, extra = resumed
+        running, elapsed_before = extra["running"], extra["elapsed_s"]
+    if world.is_main:
+        if resumed is None and args.output.exists():
+            for name in ("log.jsonl", FINAL):
+                (args.output / name).unlink(missing_ok=True)
+        truncate_log(args.output, step)
+    rng_state = torch.get_rng_state()
+    loader = DataLoader(dataset, args.batch_size, shuffle=False, drop_last=True,
+                        sampler=StepSampler(total_steps, args.batch_size, step, world.world_size, world.rank),
+                        num_workers=args.workers, prefetch_factor=4 if args.workers else None,
+                        pin_memory=world.device.type == "cuda", generator=torch.Generator())
     log = args.output / "log.jsonl" if world.is_main else None
-    encoder_config = {"channels": list(args.channels), "in_channels": 3}
+    config = encoder_config(args)
     data_note = {"unlabeled_images": n_unlabeled, "manifest_images": len(photos) - n_unlabeled,
                  "unlabeled_sha256": data_fingerprint(args.unlabeled)}
     if world.is_main:
         print(f"[moco] {n_unlabeled} unlabeled + {len(photos) - n_unlabeled} manifest photos; "
-              f"K={args.queue_size} m={args.momentum} T={args.temperature}; world size {world.world_size} on "
-              f"{world.device}", flush=True)
+              f"K={args.queue_size} m={args.momentum} T={args.temperature}; "
+              f"{'resumed at step %d' % step if resumed else 'from step 0'} of {total_steps}; "
+              f"world size {world.world_size} on {world.device}", flush=True)
+
+    def checkpoint_state(at_step: int) -> None:
+        if world.is_main:
+            save_state(args.output, at_step, resumables,
+                       {"running": running, "elapsed_s": elapsed_before + time.time() - started})
 
     started, metrics = time.time(), {}
-    for epoch in range(args.epochs):
-        dataset.set_epoch(epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        model.train()
-        running = {"loss": 0.0, "top1": 0.0}
-        bar = tqdm(loader, desc=f"moco epoch {epoch + 1}/{args.epochs}",
-                   disable=args.no_progress or not world.is_main, leave=False)
-        for batch in bar:
-            im_q = batch["view_q"].to(world.device, non_blocking=True)
-            im_k = batch["view_k"].to(world.device, non_blocking=True)
-            with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                loss, logits, _ = model(im_q, im_k)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            top1 = (logits.argmax(dim=1) == 0).float().mean().item()  # positive ranked first among 1+K
-            running["loss"] += loss.item()
-            running["top1"] += top1
-            bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{top1:.2f}")
-        metrics = {k: world.mean(v / len(loader)) for k, v in running.items()}
-        record = {"epoch": epoch + 1, "lr": schedule.get_last_lr()[0], "elapsed_s": round(time.time() - started, 1),
-                  **metrics}
-        if world.is_main:
-            log_json(log, record)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
-                  flush=True)
-            metrics = {**metrics, "epoch": epoch + 1, "train_wall_time_s": round(time.time() - started, 1)}
-            save_checkpoint(args.output / "last.pt", moco.encoder_q, stage="moco", config=json_safe(vars(args)) | {
-                "unlabeled": [str(p) for p in args.unlabeled], "world_size": world.world_size},
-                metrics=metrics, manifest=args.manifest, extra={"model_config": encoder_config,
-                                                                "moco_config": moco.config, **data_note})
+    torch.set_rng_state(rng_state)
+    model.train()
+    bar = tqdm(loader, total=total_steps - step, desc="moco", disable=args.no_progress or not world.is_main,
+               leave=False)
+    for batch in bar:
+        im_q = batch["view_q"].to(world.device, non_blocking=True)
+        im_k = batch["view_k"].to(world.device, non_blocking=True)
+        with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss, logits, _ = model(im_q, im_k)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        step += 1
+        top1 = (logits.argmax(dim=1) == 0).float().mean().item()  # positive ranked first among 1+K
+        running["loss"] += loss.item()
+        running["top1"] += top1
+        bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{top1:.2f}")
+        if step % args.steps_per_epoch == 0 or step == total_steps:
+            period = (step - 1) // args.steps_per_epoch + 1
+            n = step - (period - 1) * args.steps_per_epoch
+            metrics = {k: world.mean(v / n) for k, v in running.items()}
+            running = {"loss": 0.0, "top1": 0.0}
+            record = {"epoch": period, "step": step, "lr": schedule.get_last_lr()[0],
+                      "elapsed_s": round(elapsed_before + time.time() - started, 1), **metrics}
+            if world.is_main:
+                log_json(log, record)
+                if args.no_progress:
+                    print(format_record(record), flush=True)
+        if step % args.checkpoint_every == 0 or step == total_steps:
+            checkpoint_state(step)
+        if args.stop_after_step is not None and step >= args.stop_after_step:
+            checkpoint_state(step)
+            world.close()
+            return {"stopped_at_step": step}
+    if world.is_main:
+        metrics = {**metrics, "steps": step, "train_wall_time_s": round(elapsed_before + time.time() - started, 1)}
+        # The query encoder alone: train_segmentation --init loads it into the segmentation model's encoder.
+        save_checkpoint(args.output / FINAL, moco.encoder_q, stage="moco", config=json_safe(vars(args)) | {
+            "unlabeled": [str(p) for p in args.unlabeled], "world_size": world.world_size},
+            metrics=metrics, manifest=args.manifest, extra={"model_config": config,
+                                                            "moco_config": moco.config, **data_note})
     if args.save_rank_states is not None:
         args.save_rank_states.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.detach().cpu() for k, v in moco.state_dict().items()},

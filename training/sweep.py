@@ -11,6 +11,9 @@ Arms (same steps, batch, patch, schedule, EMA; only the init and the unlabeled p
 Selection: the arm and step with the best val pixel AUPR averaged over seeds (not the best single run, which
 would be picked for its luck on 4 photos). The refit trains that arm's recipe for that many steps on train + val,
 at the mean of its seeds' Dice-optimal thresholds. summary.json holds every curve and the choice.
+
+The issue-11 ablation (random / ImageNet / MoCo from either, each with and without multi-task, on the
+EfficientNet-Lite0 U-Net) runs as a resumable queue instead: training/queue.py and training/queue.toml.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from fundus_hemorrhage.preprocessing import PreprocessConfig
 
 from .common import REPO_ROOT
 from .data import load_labelled, load_unlabeled
-from .model import DEFAULT_CHANNELS
+from .model import ARCHITECTURES, DEFAULT_CHANNELS
 
 ARMS = ("random", "moco", "moco_mtl")
 
@@ -51,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=REPO_ROOT / ".cache" / "preprocessed")
     p.add_argument("--working-size", type=int, default=PreprocessConfig().working_size)
     p.add_argument("--channels", type=int, nargs="+", default=list(DEFAULT_CHANNELS))
+    p.add_argument("--architecture", default=ARCHITECTURES[0], choices=ARCHITECTURES,
+                   help="encoder of every arm (default: %(default)s)")
     p.add_argument("--deadline-s", type=float, default=3600, help="stop everything after this long, keeping "
                                                                  "the checkpoints so far (default: 3600)")
     p.add_argument("--no-refit", dest="refit", action="store_false")
@@ -153,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     out, manifest = args.output, args.data / "idrid_he" / "manifest.csv"
     out.mkdir(parents=True, exist_ok=True)
     model = ["--working-size", str(args.working_size), "--channels", *map(str, args.channels),
+             "--architecture", args.architecture,
              "--cache", str(args.cache)]
     common = model + ["--manifest", str(manifest), "--batch-size", str(args.batch_size), "--patch", str(args.patch),
               "--steps-per-epoch", str(args.steps_per_eval), "--eval-every", "1", "--workers", str(args.workers)]

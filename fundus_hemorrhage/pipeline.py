@@ -67,15 +67,18 @@ class Pipeline:
 
     `threads` photos are pre- and postprocessed at a time (the ensemble's Python models use 2 threads each).
     `anatomy`: run the optic disc and fovea detector (one ONNX Runtime thread, as each preprocess instance);
-    False leaves the reports' anatomical fields null ("detector not available"), e.g. to measure its cost.
+    False leaves the reports' anatomical fields null ("detector not available"), e.g. to measure its cost or
+    where only masks matter. Default: run it when the working grid is the contract's, the grid it was trained on.
     """
 
     def __init__(self, model: Model, preprocess_config: PreprocessConfig = PreprocessConfig(),
                  postprocess_config: PostprocessConfig = PostprocessConfig(), threads: int = 2,
-                 anatomy: bool = True):
+                 anatomy: bool | None = None):
         self.model = model
         self.preprocess_config, self.postprocess_config = preprocess_config, postprocess_config
         self.pool = ThreadPoolExecutor(max(1, threads))
+        if anatomy is None:
+            anatomy = preprocess_config.working_size == c.WORKING_SIZE
         self.anatomy_detector = AnatomyDetector(threads=1) if anatomy else None
 
     @classmethod

@@ -34,7 +34,7 @@ def relative(path: str | Path | None) -> str | None:
         return None
     resolved = Path(path).resolve()
     tmp = Path(tempfile.gettempdir()).resolve()
-    if resolved.is_relative_to(tmp):
+    if resolved.is_relative_to(tmp) and not resolved.is_relative_to(REPO_ROOT):  # the checkout may be in /tmp
         return (Path("<tmp>") / resolved.relative_to(tmp)).as_posix()
     return Path(os.path.relpath(resolved, REPO_ROOT)).as_posix()
 

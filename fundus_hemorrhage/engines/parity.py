@@ -184,7 +184,8 @@ def _decode(png: bytes) -> np.ndarray:
 
 def served_outputs(onnx_path: Path, photos: list[Path], working_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(mask, probability uint8) per photo, as the ensemble serves them with this graph."""
-    pipeline = Pipeline.from_onnx(onnx_path, preprocess_config=PreprocessConfig(working_size=working_size))
+    pipeline = Pipeline.from_onnx(onnx_path, preprocess_config=PreprocessConfig(working_size=working_size),
+                                  anatomy=False)  # masks and probabilities do not depend on the landmarks
     try:
         results = pipeline([Path(p).read_bytes() for p in photos], with_probability=True)
     finally:

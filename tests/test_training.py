@@ -401,7 +401,7 @@ def test_sweep_end_to_end(data, tmp_path):
 # ------------------------------------------------------------------------------------------------------- DDP
 
 def torchrun(module: str, args: list[str]) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the project is installed: no PYTHONPATH needed
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node=2", "--standalone", "-m", module,
            *args]
     r = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -18,7 +18,8 @@ The queue file (TOML, e.g. training/queue.toml) lists runs in order:
 Each run is a child process (python -m training.train_segmentation or training.pretrain_moco) writing into its own
 folder; runs are resumable (training.resumable), so the queue simply starts every unfinished run in order: a
 finished run (last.pt) is skipped, a partial one continues from its state.pt. A run whose `init` run is not finished
-waits (it is skipped this pass). Start it in the background and start it again after the machine went away:
+waits (it is skipped this pass). A run that fails (exit code in queue.jsonl) is left partial and the queue moves
+on; the next start resumes it. Start it in the background and start it again after the machine went away:
 
     nohup python -m training.queue training/queue.toml > runs/queue.out 2>&1 &
     python -m training.queue training/queue.toml --status        # what is finished, partial, waiting

@@ -79,6 +79,14 @@ def python_stubs(parent_pid: int) -> list[Stub]:
     return stubs
 
 
+def is_zombie(pid: int) -> bool:
+    """True for a process that has exited and was not reaped (a killed stub: Triton 2.51 never waits for it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def remove_shm(region: str) -> None:
     """Remove a stub's shared-memory region (only names of the Python backend's own regions)."""
     if region.startswith(SHM_PREFIX):
@@ -97,7 +105,10 @@ def instance_count(config: dict) -> int | None:
 
 class StubWatchdog:
     """check(): for each READY Python model version, the current stub of each instance (the newest started) must
-    be alive. A current stub that died: restart the model at once (readiness withdrawn meanwhile). Fewer
+    be alive. A current stub that died and is a zombie (killed: Triton does not reap it): restart the model at once
+    (readiness withdrawn meanwhile). A current stub that is gone altogether is also what a reload through the
+    repository API looks like between the old generation's exit and the new one's start: restart only if no newer
+    stub has appeared by the next check (an admin's reload was taken for a crash before). Fewer
     instances with a stub than configured, none of them seen dying (a load starting?): restart if it persists
     one more check. A previous generation that Triton has not released RELEASE_GRACE_S after a restart, or
     zombie stubs: `on_leak(reason)`."""
@@ -107,6 +118,7 @@ class StubWatchdog:
         self.admin, self.repository, self.triton_pid, self.on_leak = admin, repository, triton_pid, on_leak
         self.instances: dict[tuple[str, str], int | None] = {}  # (model, version) -> stubs expected
         self.suspect: set[tuple[str, str]] = set()
+        self.vanished: set[int] = set()  # pids of current stubs gone without a zombie, seen once
         self.restarts: list[dict] = []
         self.known_stubs: dict[int, Stub] = {}  # every stub seen, by pid (their shm is removed at the end)
         self.current: dict[tuple[str, str, str], Stub] = {}  # (model, version, instance) -> newest stub seen
@@ -139,14 +151,16 @@ class StubWatchdog:
         self._observe(live)
         alive = {stub.pid for stub in live}
         crashed: dict[str, list[str]] = {}  # model -> instances whose current stub died
-        short = set()
+        short, vanished = set(), set()
         for model, versions in ready.items():
             for version in versions:
                 expected = self.expected_instances(model, version)
                 if not expected:
                     continue
                 current = [s for k, s in self.current.items() if k[:2] == (model, version)]
-                dead = [s.instance for s in current if s.pid not in alive]
+                gone = [s for s in current if s.pid not in alive]
+                vanished |= {s.pid for s in gone if not is_zombie(s.pid)}
+                dead = [s.instance for s in gone if is_zombie(s.pid) or s.pid in self.vanished]
                 if dead:
                     crashed.setdefault(model, []).extend(dead)
                 elif len(current) < expected:
@@ -156,6 +170,7 @@ class StubWatchdog:
                      if sum(k[:2] == key and s.pid in alive for k, s in self.current.items())
                      < (self.expected_instances(*key, fresh=True) or 0)}
         self.suspect = short - confirmed
+        self.vanished = vanished
         for model, _ in confirmed:
             crashed.setdefault(model, [])
         if crashed:

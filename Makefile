@@ -13,7 +13,8 @@ $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools
 	$(PY) -m pip install --quiet -r requirements.txt
-	# HAProxy for the two-replica load-balancer test; checkov in its own venv (it pins old packaging/networkx)
+	# HAProxy: serve.py's guard on the public HTTP and gRPC ports (and the two-replica load-balancer test);
+	# checkov (deploy/kubernetes security scan) in its own venv: it pins old packaging/networkx
 	command -v haproxy >/dev/null || (apt-get update -qq && apt-get install -y -qq haproxy)
 	# headless Chromium for the test that opens segment.py's index.html (tests/test_client.py)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)

@@ -13,6 +13,7 @@ OUTPUT.json (figures and every request) and OUTPUT.md (summary).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -29,7 +30,10 @@ from pathlib import Path
 from string import Template
 
 import numpy as np
+import psutil
 import tritonclient.http as httpclient
+
+from fundus_hemorrhage.model_config import read_config, write_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = Path(__file__).with_name("haproxy.cfg.template")
@@ -44,12 +48,16 @@ def free_port() -> int:
 
 
 def small_repository(target: Path) -> Path:
-    """The model repository with one instance per Python step and one ONNX Runtime thread."""
+    """The model repository with one instance per Python step and one ONNX Runtime thread (configs read and
+    written as protobuf)."""
     shutil.copytree(REPO_ROOT / "model_repository", target)
-    for config in target.glob("*/config.pbtxt"):
-        text = re.sub(r"count: *\d+", "count: 1", config.read_text())
-        text = re.sub(r'(key: "intra_op_threads", value: \{ string_value: )"\d+"', r'\1"1"', text)
-        config.write_text(text)
+    for config_path in target.glob("*/config.pbtxt"):
+        config = read_config(config_path)
+        for group in config.instance_group:
+            group.count = 1
+        if "intra_op_threads" in config.parameters:
+            config.parameters["intra_op_threads"].string_value = "1"
+        write_config(config_path, config)
     return target
 
 
@@ -78,8 +86,17 @@ class Replica:
     def crash(self) -> float:
         """SIGKILL serve.py, Triton and the Python stubs at once, as when a container dies; the kill's time."""
         regions = shm_regions(self.process.pid)
+        # tritonserver and HAProxy run in sessions of their own (serve.py's Ctrl-C handling): a container's death
+        # takes the whole tree, so kill every descendant, not only serve.py's process group (a stub that was
+        # starting outlived its tritonserver otherwise).
+        try:
+            tree = [self.process.pid, *(p.pid for p in psutil.Process(self.process.pid).children(recursive=True))]
+        except psutil.NoSuchProcess:
+            raise ProcessLookupError(self.process.pid) from None
         killed = time.monotonic()
-        os.killpg(self.process.pid, signal.SIGKILL)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.process.wait()
         for region in regions:  # what the pod's /dev/shm volume would take with it
             Path("/dev/shm", region).unlink(missing_ok=True)

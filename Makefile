@@ -20,7 +20,7 @@ $(STAMP): requirements.txt pyproject.toml
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 	test -x $(VENV)/checkov/bin/checkov || $(PYTHON) -m venv $(VENV)/checkov
 	$(VENV)/checkov/bin/pip install --quiet checkov==3.3.30
-	# the project's packages (fundus_hemorrhage, training, perf), editable: importable from any folder
+	# the project's packages (fundus_hemorrhage, fundus_hemorrhage_ops, _training, _perf), editable: importable from any folder
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -15,7 +15,7 @@ checkpoints/). Steps, each of which stops the build (exit 2, one line on stderr)
             pixel AUPR drops by at most --int8-max-aupr-drop (0.01), else FP32 ships and the figures are recorded.
             Rebuilding the newest version's checkpoint keeps its precision and must serve the same masks
             (fp32: identical; int8: Dice >= 0.99 and probabilities within 1/255 on >= 99.5 % of each photo's
-            pixels, since int8 rounding differs between CPUs: fundus_hemorrhage/engines/parity.py).
+            pixels, since int8 rounding differs between CPUs: fundus_hemorrhage_ops/engines/parity.py).
   tensorrt  needs an NVIDIA GPU, CUDA and TensorRT. FP16 plan built with Polygraphy (optimisation profile
             batch 1..max_batch_size), compared with ONNX Runtime FP32, then config.pbtxt becomes
             platform "tensorrt_plan".
@@ -23,7 +23,7 @@ checkpoints/). Steps, each of which stops the build (exit 2, one line on stderr)
 Every graph in the version folder carries the version's THRESHOLD and MODEL_VERSION outputs. The folder is
 assembled as unet/.building-N and renamed to unet/N only once every check passed, so Triton never sees half a
 version. model.json = the checkpoint's metadata + precision + build + parity (+ int8). The code lives in
-fundus_hemorrhage.engines.
+fundus_hemorrhage_ops.engines.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from fundus_hemorrhage.engines import BuildError
-    from fundus_hemorrhage.engines.build import build
+    from fundus_hemorrhage_ops.engines import BuildError
+    from fundus_hemorrhage_ops.engines.build import build
     try:
         result = build(args)
     except BuildError as exc:

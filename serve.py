@@ -9,9 +9,9 @@
 
 Finds `tritonserver` on PATH (the NGC image) or inside the nvidia-pytriton wheel, prepares the Python
 backend with the stub for the running Python, waits until the server is ready and prints its URLs
-(fundus_hemorrhage/serving/launcher.py).
+(fundus_hemorrhage_ops/serving/launcher.py).
 SIGTERM or SIGINT: new requests are answered UNAVAILABLE (retry elsewhere), the ones in flight finish, every
-model is unloaded, Triton stops, and this exits 0 (fundus_hemorrhage/serving/drain.py).
+model is unloaded, Triton stops, and this exits 0 (fundus_hemorrhage_ops/serving/drain.py).
 
 Model loading is explicit (all models at start-up). The model-repository (load/unload), shared-memory, trace
 and logging APIs answer only requests that carry the header `admin-key: $HEMOSEG_ADMIN_KEY`; without that
@@ -24,10 +24,10 @@ While Triton runs, a supervisor thread
     through the repository API, after checking the new version folder (its files are there, its ONNX model loads
     and gives the configured shapes, the identity baked into it names the folder's version number); a version
     that fails the check, or that Triton refuses, is not served and the version served before keeps serving
-    (fundus_hemorrhage/serving/watchdog.py, updates.py, validation.py).
+    (fundus_hemorrhage_ops/serving/watchdog.py, updates.py, validation.py).
 
 HTTP and gRPC go through HAProxy on --http-port and --grpc-port (Triton's endpoints listen on loopback ports
-behind it; fundus_hemorrhage/serving/proxy.py). HTTP: a compressed body (Content-Encoding other than identity)
+behind it; fundus_hemorrhage_ops/serving/proxy.py). HTTP: a compressed body (Content-Encoding other than identity)
 gets 415, a body over --max-request-bytes + 1 MiB 413, a chunked body 411. gRPC: a compressed message
 (grpc-encoding other than identity) gets INVALID_ARGUMENT; with --grpc-tls-cert HAProxy terminates the TLS
 (and checks client certificates with --grpc-tls-root-cert). Everything else passes through. --no-http-proxy /
@@ -48,8 +48,8 @@ import sys
 from pathlib import Path
 
 from fundus_hemorrhage.routing import TrafficError, parse_traffic
-from fundus_hemorrhage.serving.launcher import serve
-from fundus_hemorrhage.serving.traffic import write_split
+from fundus_hemorrhage_ops.serving.launcher import serve
+from fundus_hemorrhage_ops.serving.traffic import write_split
 
 REPO_ROOT = Path(__file__).resolve().parent
 
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--traffic", metavar="SPLIT",
                    help='A/B split between unet versions, e.g. "3:90,2:10" (version:weight); written into the '
                         "repository's unet and unet_router configs before Triton starts, so it lasts; change it "
-                        "while serving with python -m fundus_hemorrhage.serving.traffic (README: A/B testing)")
+                        "while serving with python -m fundus_hemorrhage_ops.serving.traffic (README: A/B testing)")
     p.add_argument("--no-http-proxy", action="store_true",
                    help="serve Triton's HTTP endpoint on --http-port directly, without the HAProxy guard (only behind a "
                         "reverse proxy of your own that refuses compressed and oversized bodies; docs/reliability.md)")

@@ -1,4 +1,4 @@
-"""Haemorrhage segmentation of retinal fundus photographs: the pure logic behind the Triton service.
+"""Haemorrhage segmentation of retinal fundus photographs: the runtime, what the Triton models and clients import.
 
     contract        model and tensor names, batch limit, working size, report schema (one source of truth)
     model_config    config.pbtxt files as protobuf (generated from the contract, read and written)
@@ -9,15 +9,19 @@
     retinal_frame   the clinician's frame: laterality, disc-diameter ruler, retinal quadrants, ETDRS subfields
     postprocessing  PROBABILITY -> mask at the original size, lesions; report: the JSON report; png: mask encoder
     onnx_session    the one ONNX Runtime session factory (serving, evaluation, int8 gate, benchmarks)
-    onnxruntime_unet  the Triton adapter every unet version's model.py imports
     routing         A/B traffic split, sticky routing keys, version pins (used by model_repository/unet_router)
-    metrics         the custom Prometheus metrics of the Python-backend models
+    backend         Python-backend glue (needs triton_python_backend_utils): the unet adapter every version's
+                    model.py imports, the custom Prometheus metrics
     pipeline        the serving path in one process: bytes -> preprocess -> model -> postprocess
     client          the tritonclient-based client library (segment.py is its command line); overlay and
                     report_index draw the overlays and the batch's index.html
-    serving         what serve.py runs around tritonserver: launcher, port guard, admin API, watchdog, updates,
-                    traffic, drain
-    engines         what build_engines.py runs: export, parity, int8, TensorRT, version folders, the identity
+
+Layers, each importing only those below it:
+    fundus_hemorrhage_perf      benchmarks (bench.py, locust, perf_analyzer)
+    fundus_hemorrhage_ops       serve.py's supervisor and port guard (serving), build_engines.py (engines), the
+                                traffic tool, a local serve.py for tests and benchmarks (local_server)
+    fundus_hemorrhage_training  U-Net, MoCo, fine-tuning, evaluation, the run queue
+    fundus_hemorrhage           this package: imports neither training nor operations
 
 Importing this package imports nothing heavy; each module pulls in what it needs.
 """

@@ -15,8 +15,8 @@ postprocess turns each row into the report's disc, fovea and retinal frame (fund
 A landmark is reported only when its confidence reaches MIN_CONFIDENCE and the pair is anatomically
 plausible (`plausible`); a fovea without a disc needs MIN_FOVEA_CONFIDENCE_WITHOUT_DISC. Otherwise it is NaN
 with a reason code (`REASONS`). The network was trained on IDRiD
-grading photos (training.train_anatomy) and evaluated on the IDRiD segmentation photos (training.evaluate_anatomy,
-perf/results/anatomy-*.md).
+grading photos (fundus_hemorrhage_training.train_anatomy) and evaluated on the IDRiD segmentation photos (fundus_hemorrhage_training.evaluate_anatomy,
+fundus_hemorrhage_perf/results/anatomy-*.md).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ OUTPUT = "LANDMARK_PROBABILITY"  # the detector graph's output, [N, len(LANDMARK
 MODEL_PATH = Path(__file__).resolve().parent / "models" / "anatomy.onnx"
 WINDOW_CELLS = 1  # the location and confidence use the 3 x 3 cells around the most probable one
 
-# Below these the landmark is not reported (tuned on the grading hold-out, see perf/results/anatomy-*.md).
+# Below these the landmark is not reported (tuned on the grading hold-out, see fundus_hemorrhage_perf/results/anatomy-*.md).
 MIN_CONFIDENCE = {"disc": 0.35, "fovea": 0.35}
 # A fovea without a disc to check it against (`plausible`) must be surer: on disc-centred photos of other cameras
 # the network sometimes puts a weak fovea next to a disc it missed.

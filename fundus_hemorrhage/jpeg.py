@@ -13,7 +13,7 @@ accurate DCT and fancy upsampling): max abs difference 0 on samples/*.jpg and th
 and on baseline, progressive, restart-interval, 4:4:4, 4:2:2, grayscale and CMYK test files
 (tests/test_preprocess.py). A photo whose first warning is harmless, or that TurboJPEG cannot decode at all, is
 decoded by OpenCV as before, so its pixels (or its refusal) do not change either. Measurements:
-perf/results/jpeg-decode.md.
+fundus_hemorrhage_perf/results/jpeg-decode.md.
 """
 
 from __future__ import annotations

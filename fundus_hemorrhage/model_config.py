@@ -32,7 +32,7 @@ _HEADERS = {
                     "the retinal frame (laterality, ETDRS grid, quadrants) from ANATOMY (fundus_hemorrhage.retinal_frame);",
                     "a photo ungradable by QUALITY gets an empty mask and status \"ungradable\"."],
     c.ROUTER: ["Picks the unet version of each request (pin, sticky routing_key, traffic split) and calls it (BLS);",
-               "same outputs as unet (fundus_hemorrhage.routing). Change the split with fundus_hemorrhage.serving.traffic."],
+               "same outputs as unet (fundus_hemorrhage.routing). Change the split with fundus_hemorrhage_ops.serving.traffic."],
     "cpu": ["U-Net on the CPU: ONNX Runtime inside the Python backend (the pip-installed Triton has no",
             "onnxruntime backend). build_engines.py --target tensorrt writes the GPU variant (tensorrt_plan)."],
     "tensorrt": ["U-Net on the GPU: a TensorRT FP16 plan (model.plan), written by build_engines.py --target tensorrt.",

@@ -1,7 +1,7 @@
 """The serving path in one process: photo bytes -> preprocess -> model -> postprocess, as the ensemble runs it.
 
 Used where the ensemble's result is wanted without Triton: training's evaluation, build_engines' int8 gate and
-parity checks, the in-process and FastAPI arms of perf/bench.py. A `Model` maps PIXELS [N, 3, S, S] float32 to
+parity checks, the in-process and FastAPI arms of fundus_hemorrhage_perf/bench.py. A `Model` maps PIXELS [N, 3, S, S] float32 to
 the unet's outputs by name: PROBABILITY [N, 1, S, S], THRESHOLD [N, 1], MODEL_VERSION [N, 1].
 
 The optic disc and fovea detector runs as in the ensemble's preprocess step: one call on the stacked PIXELS of

@@ -6,7 +6,7 @@ has its exposure normalised (one gain on every pixel: the FOV's median luma to t
 -> crop a square around the FOV (zero padding where the square leaves the photo) -> resize to the model's
 working size -> CLAHE on the lightness channel -> zero outside the FOV.
 
-Training (training/data.py) calls `decode` + `preprocess_decoded` as `preprocess` does, so both get the exposure
+Training (fundus_hemorrhage_training/data.py) calls `decode` + `preprocess_decoded` as `preprocess` does, so both get the exposure
 normalisation. Models trained before it was added (unet v1, v2) saw un-normalised photos.
 
 `Geometry` records how the working grid maps back onto the original photo, so that the postprocess

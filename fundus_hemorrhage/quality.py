@@ -5,7 +5,7 @@ Pure functions on the decoded (possibly reduced) BGR image and its field of view
 `ANALYSIS_DIAMETER` pixels, so the numbers do not depend on the photo's resolution or on the decoder's
 reduction, and inside the inner `INNER_FRACTION` of the disc (the rim is vignetted on every camera).
 
-Why (perf/results/quality-gate.md): the served model (unet v2) follows the FOV's brightness, not only the
+Why (fundus_hemorrhage_perf/results/quality-gate.md): the served model (unet v2) follows the FOV's brightness, not only the
 structures: the same photo at x0.4 marks lesions everywhere (Dice with its normal mask median 0.10), at x0.6 still
 6 of 18 below 0.5; grayscale and red-free copies give Dice ~0.05 and 0.0. CLAHE on the lightness does not undo a
 global gain. One gain on all channels that brings the FOV's median luma to the training photos' typical level
@@ -15,7 +15,7 @@ the normal photos' masks (Dice 0.75-1.0, median 0.93, with the un-normalised one
 
 The service normalises every gradable photo (`SERVING_THRESHOLDS` = `NORMALISE_EVERY_PHOTO`, the default of
 `assess`/`judge`): exposure variants of a photo then give one mask, at no loss of accuracy
-(perf/results/quality-gate-every-photo.md). `preprocessing.preprocess_decoded` applies it, so training and serving
+(fundus_hemorrhage_perf/results/quality-gate-every-photo.md). `preprocessing.preprocess_decoded` applies it, so training and serving
 see the same pixels. The verdict travels between the ensemble's steps as the QUALITY tensor (`to_json`/`from_json`).
 """
 
@@ -173,7 +173,7 @@ def apply_exposure_gain(bgr: np.ndarray, gain: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class QualityThresholds:
-    """Limits of a gradable photo, measured with perf/quality_eval.py (perf/results/quality-gate.md): the 54 IDRiD
+    """Limits of a gradable photo, measured with fundus_hemorrhage_perf/quality_eval.py (fundus_hemorrhage_perf/results/quality-gate.md): the 54 IDRiD
     photos (the model's training camera) and 18 degraded copies of each, every third photo served through unet v2
     for the Dice of its mask against the normal photo's; false rejections also counted, gate only, on the 777
     photos of five other collections (CHASE_DB1, DIARETDB1, DRIVE, HEI-MED, IDRiD grading). "IDRiD" below: the
@@ -229,7 +229,7 @@ class QualityThresholds:
 # one mask (samples: every gradable copy x0.25-x2.5 at Dice >= 0.64 with the normal photo's), and accuracy is
 # unchanged (53 labelled photos: mean Dice with the annotation 0.5508 un-normalised, 0.5516 normalised), but every
 # normal photo's mask moves (Dice with the un-normalised one: median 0.93, min 0.75). `QualityThresholds()` (only
-# photos outside the IDRiD range normalised) left gradable copies below Dice 0.5 (perf/results/quality-gate.md).
+# photos outside the IDRiD range normalised) left gradable copies below Dice 0.5 (fundus_hemorrhage_perf/results/quality-gate.md).
 NORMALISE_EVERY_PHOTO = QualityThresholds(normalise_below=float("inf"), dark_target=TYPICAL_BRIGHTNESS)
 SERVING_THRESHOLDS = NORMALISE_EVERY_PHOTO
 

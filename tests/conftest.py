@@ -10,7 +10,7 @@ import pytest
 from fundus_hemorrhage import client as service
 from fundus_hemorrhage.client import infer  # noqa: F401  (one ensemble request, for the tests)
 from fundus_hemorrhage.contract import ENSEMBLE  # noqa: F401
-from perf.common import StartedServer, free_ports, start_triton  # noqa: F401  (free_ports: for the tests)
+from fundus_hemorrhage_ops.local_server import StartedServer, free_ports, start_triton  # noqa: F401  (free_ports: for the tests)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = REPO_ROOT / "samples"

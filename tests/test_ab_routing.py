@@ -14,7 +14,7 @@ from fundus_hemorrhage import contract as c
 from fundus_hemorrhage.model_config import parameters, read_config, router_config, unet_config
 from fundus_hemorrhage.routing import (NEWEST, Split, TrafficError, agreement, choose, dice, format_traffic,
                                        key_position, lesion_count, parse_traffic, parse_version, working_mask)
-from fundus_hemorrhage.serving import traffic
+from fundus_hemorrhage_ops.serving import traffic
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 

@@ -24,9 +24,9 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from fundus_hemorrhage import contract as c
-from fundus_hemorrhage.engines.identity import read_identity, write_with_identity
+from fundus_hemorrhage_ops.engines.identity import read_identity, write_with_identity
 from fundus_hemorrhage.routing import parse_traffic
-from fundus_hemorrhage.serving import traffic
+from fundus_hemorrhage_ops.serving import traffic
 
 from conftest import REPO_ROOT, start_server, stop_server
 

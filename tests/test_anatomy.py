@@ -150,14 +150,14 @@ def test_batch_and_cost(detector):
         t0 = time.perf_counter()
         detector(pre.pixels[None])
         costs.append(time.perf_counter() - t0)
-    # ~2-3 ms on one free core (perf/results/anatomy-eval.md); generous for a shared CI machine.
+    # ~2-3 ms on one free core (fundus_hemorrhage_perf/results/anatomy-eval.md); generous for a shared CI machine.
     assert sorted(costs)[len(costs) // 2] < 0.05
 
 
 def test_training_augmentation_keeps_landmarks_on_their_pixels():
     torch = pytest.importorskip("torch")
-    from training.anatomy_data import CACHE_SIZE
-    from training.train_anatomy import CELL, NET_SIZE, augment, targets
+    from fundus_hemorrhage_training.anatomy_data import CACHE_SIZE
+    from fundus_hemorrhage_training.train_anatomy import CELL, NET_SIZE, augment, targets
 
     k = CACHE_SIZE / WORKING_SIZE
     img = np.zeros((CACHE_SIZE, CACHE_SIZE, 3), np.uint8)

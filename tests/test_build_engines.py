@@ -1,4 +1,4 @@
-"""build_engines.py and fundus_hemorrhage.engines on the CPU: export + Polygraphy parity, version folders with
+"""build_engines.py and fundus_hemorrhage_ops.engines on the CPU: export + Polygraphy parity, version folders with
 their identity, INT8 and its gate, served-mask parity of rebuilds and its tolerance, FP16 ONNX, config.pbtxt.
 
 A tiny U-Net (made here, saved as a real checkpoint) works at 64 px so that most tests run in seconds; its
@@ -26,17 +26,17 @@ import torch
 import build_engines as be
 from fundus_hemorrhage import contract as c
 from fundus_hemorrhage import model_config as mc
-from fundus_hemorrhage.engines import BuildError
-from fundus_hemorrhage.engines.build import build
-from fundus_hemorrhage.engines.identity import read_identity, strip_identity
-from fundus_hemorrhage.engines.int8 import PhotoCalibrationReader, quantize_int8
-from fundus_hemorrhage.engines.parity import (FP32_TOLERANCE, SERVED_TOLERANCE, photo_difference, preprocessed,
+from fundus_hemorrhage_ops.engines import BuildError
+from fundus_hemorrhage_ops.engines.build import build
+from fundus_hemorrhage_ops.engines.identity import read_identity, strip_identity
+from fundus_hemorrhage_ops.engines.int8 import PhotoCalibrationReader, quantize_int8
+from fundus_hemorrhage_ops.engines.parity import (FP32_TOLERANCE, SERVED_TOLERANCE, photo_difference, preprocessed,
                                               served_difference_reason, served_outputs)
-from fundus_hemorrhage.engines.tensorrt import to_float16
-from fundus_hemorrhage.engines.version_folder import MODEL_PY, shipped_fp32_onnx, versions
+from fundus_hemorrhage_ops.engines.tensorrt import to_float16
+from fundus_hemorrhage_ops.engines.version_folder import MODEL_PY, shipped_fp32_onnx, versions
 from fundus_hemorrhage.onnx_session import create_session, run
-from training.common import save_checkpoint
-from training.model import build_model
+from fundus_hemorrhage_training.common import save_checkpoint
+from fundus_hemorrhage_training.model import build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = sorted((REPO_ROOT / "samples").glob("IDRiD_*[0-9].jpg"))

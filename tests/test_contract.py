@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from fundus_hemorrhage import contract as c
-from fundus_hemorrhage.engines.identity import add_identity, read_identity, strip_identity
+from fundus_hemorrhage_ops.engines.identity import add_identity, read_identity, strip_identity
 from fundus_hemorrhage.geometry import GEOMETRY_FIELDS, Geometry
 from fundus_hemorrhage.model_config import (ModelConfig, config_text, parse_config, read_config, repository_configs,
                                             tensor_dims, unet_target)

@@ -22,10 +22,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from fundus_hemorrhage.engines.identity import read_identity, write_with_identity
-from fundus_hemorrhage.serving.process import zombie_children
-from fundus_hemorrhage.serving.watchdog import python_stubs
-from perf import kill_stub
+from fundus_hemorrhage_ops.engines.identity import read_identity, write_with_identity
+from fundus_hemorrhage_ops.serving.process import zombie_children
+from fundus_hemorrhage_ops.serving.watchdog import python_stubs
+from fundus_hemorrhage_perf import kill_stub
 from tests.conftest import ENSEMBLE, REPO_ROOT, SAMPLE_PHOTOS, start_server, stop_server
 from tests.conftest import infer as request_ensemble
 

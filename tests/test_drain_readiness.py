@@ -2,7 +2,7 @@
 once and for good, while the request in flight completes and the process exits 0.
 
 The server is started through its command line only. Readiness is polled every 5 ms, not every 0.1 s: the
-drain's brief returns to 200 before fundus_hemorrhage.serving.drain.withdraw_readiness (10-250 ms) would
+drain's brief returns to 200 before fundus_hemorrhage_ops.serving.drain.withdraw_readiness (10-250 ms) would
 otherwise mostly go unseen.
 """
 

@@ -18,7 +18,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from fundus_hemorrhage.contract import REPORT_SCHEMA_VERSION
-from fundus_hemorrhage.engines.identity import write_with_identity
+from fundus_hemorrhage_ops.engines.identity import write_with_identity
 from fundus_hemorrhage.postprocessing import threshold_level
 from tests.conftest import ENSEMBLE, REPO_ROOT, infer, make_client, start_server, stop_server
 from tests.fundus import encode, synthetic_fundus

@@ -1,4 +1,4 @@
-"""The port guard (fundus_hemorrhage/serving/proxy.py) through the real serve.py: compressed-request bombs over
+"""The port guard (fundus_hemorrhage_ops/serving/proxy.py) through the real serve.py: compressed-request bombs over
 HTTP and gRPC and oversized HTTP bodies are refused before Triton reads them, the service keeps serving, and the
 README's curl examples work through the proxy.
 
@@ -412,7 +412,7 @@ def test_guard_configurations_and_the_opt_outs(tmp_path):
     """Each combination of guarded ports gives a configuration HAProxy accepts; --no-grpc-proxy leaves Triton's
     gRPC endpoint (and its own TLS) on the public port."""
     import serve
-    from fundus_hemorrhage.serving import launcher, proxy
+    from fundus_hemorrhage_ops.serving import launcher, proxy
 
     lua = tmp_path / "grpc.lua"
     lua.write_text(proxy.grpc_refuse_lua())

@@ -2,9 +2,9 @@
 grayscale and red-free copies of the sample photos are each reported ungradable with a reason, or segmented like
 the normal photo (Dice >= 0.5 with the normal photo's served mask); grayscale and red-free ones are always refused
 with their reason; the normal samples stay gradable, and normalising their exposure costs no accuracy against
-their annotations (perf/results/quality-gate-served.md).
+their annotations (fundus_hemorrhage_perf/results/quality-gate-served.md).
 
-The degraded copies are made as perf/quality_eval.py makes them: on the full-size photo, written as a q95 JPEG.
+The degraded copies are made as fundus_hemorrhage_perf/quality_eval.py makes them: on the full-size photo, written as a q95 JPEG.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from fundus_hemorrhage.client import make_client, segment_batch
 from fundus_hemorrhage.pipeline import Pipeline
 from fundus_hemorrhage.preprocessing import PreprocessConfig
-from perf.quality_eval import UNGATED, degrade, dice, mask_of
+from fundus_hemorrhage_perf.quality_eval import UNGATED, degrade, dice, mask_of
 from tests.conftest import REPO_ROOT, SAMPLE_PHOTOS
 
 # degradation -> the reason the service must give (None: ungradable with any reason, or segmented like the normal
@@ -84,7 +84,7 @@ def test_each_degraded_copy_is_refused_with_a_reason_or_segmented_like_the_norma
 
 def test_normalising_the_normal_photos_costs_no_accuracy(served):
     """The exposure normalisation moves a normal photo's mask (53 IDRiD photos: Dice with the un-normalised mask
-    median 0.93, min 0.47; perf/results/quality-gate-every-photo.md), but not its accuracy against the annotation
+    median 0.93, min 0.47; fundus_hemorrhage_perf/results/quality-gate-every-photo.md), but not its accuracy against the annotation
     (samples/*_HE.png): never more than 0.02 lower than the un-normalised (ungated) path's."""
     pipeline = Pipeline.from_onnx(UNET, preprocess_config=PreprocessConfig(quality_thresholds=UNGATED))
     try:

@@ -1,4 +1,4 @@
-"""Two serve.py replicas behind a real HAProxy (perf/haproxy/failover.py), under a bounded load: a drained
+"""Two serve.py replicas behind a real HAProxy (fundus_hemorrhage_perf/haproxy/failover.py), under a bounded load: a drained
 replica costs no request, a killed one at most those in flight on it, and HAProxy stops routing to it quickly.
 About one minute on two cores.
 """

@@ -16,7 +16,7 @@ from PIL import Image
 
 from fundus_hemorrhage.preprocessing import Geometry, ImageError, PreprocessConfig, find_field_of_view, preprocess
 from fundus_hemorrhage.preprocessing import decode, decode_reduction
-from perf.decode_bench import decodes_during_one_long_decode
+from fundus_hemorrhage_perf.decode_bench import decodes_during_one_long_decode
 from tests.conftest import SAMPLE_PHOTOS
 from tests.fundus import encode, synthetic_fundus
 

@@ -13,7 +13,7 @@ from PIL import Image
 from fundus_hemorrhage import quality
 from fundus_hemorrhage.preprocessing import ImageError, PreprocessConfig, decode, find_field_of_view, preprocess, \
     read_header_and_jpeg_quality
-from perf.quality_eval import DEGRADATIONS, UNGATED, degrade, dice, gated_pipeline, jpeg_quality_of, mask_of
+from fundus_hemorrhage_perf.quality_eval import DEGRADATIONS, UNGATED, degrade, dice, gated_pipeline, jpeg_quality_of, mask_of
 from tests.fundus import encode, synthetic_fundus
 
 SAMPLES = sorted((Path(__file__).resolve().parents[1] / "samples").glob("*.jpg"))
@@ -89,7 +89,7 @@ def test_metrics_do_not_depend_on_the_resolution():
 
 @pytest.mark.parametrize("alpha, normalised", [(0.4, True), (0.7, False), (1.0, False), (1.4, True)])
 def test_outside_range_policy_normalises_only_photos_outside_the_training_range(alpha, normalised):
-    """The alternative policy (`QualityThresholds()`), kept measurable by perf/quality_eval.py --policy."""
+    """The alternative policy (`QualityThresholds()`), kept measurable by fundus_hemorrhage_perf/quality_eval.py --policy."""
     v = synthetic(lambda bgr: cv2.convertScaleAbs(bgr, alpha=alpha), quality.QualityThresholds())
     assert v.gradable, v.reasons
     assert (v.exposure_gain != 1.0) == normalised, v.metrics.brightness
@@ -135,7 +135,7 @@ def test_preprocess_normalises_a_gradable_photo_and_zeroes_an_ungradable_one():
 
 
 def test_ungated_preprocessing_is_the_one_before_the_gate():
-    """perf/quality_eval.py's UNGATED arm (the service before the gate): no gain, nothing refused."""
+    """fundus_hemorrhage_perf/quality_eval.py's UNGATED arm (the service before the gate): no gain, nothing refused."""
     data = SAMPLES[0].read_bytes()
     pre = preprocess(data, PreprocessConfig(quality_thresholds=UNGATED))
     assert pre.quality.gradable and pre.quality.exposure_gain == 1.0
@@ -185,7 +185,7 @@ def test_darkened_samples_are_normalised_not_refused():
 @pytest.mark.parametrize("thresholds", [
     pytest.param(quality.QualityThresholds(), id="normalise-outside-idrid-range", marks=pytest.mark.xfail(
         strict=True, reason="IDRiD_11, the dimmest sample (57), over-exposed x1.8 / x2.5 lands inside the range and "
-                            "is segmented as is: Dice 0.47 / 0.34 (perf/results/quality-gate.md)")),
+                            "is segmented as is: Dice 0.47 / 0.34 (fundus_hemorrhage_perf/results/quality-gate.md)")),
     pytest.param(quality.SERVING_THRESHOLDS, id="served-normalise-every-photo"),
 ])
 def test_every_degraded_sample_is_refused_or_segmented_like_the_normal_photo(thresholds):

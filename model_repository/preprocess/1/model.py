@@ -43,7 +43,7 @@ class TritonPythonModel:
         self.dtypes = {name: pb_utils.triton_string_to_numpy(
             pb_utils.get_output_config_by_name(model_config, name)["data_type"])
             for name in (c.PIXELS, c.GEOMETRY, c.ANATOMY)}
-        # One ONNX Runtime thread: ~3 ms a photo (perf/results/anatomy-eval.md); the instances are the parallelism.
+        # One ONNX Runtime thread: ~3 ms a photo (fundus_hemorrhage_perf/results/anatomy-eval.md); the instances are the parallelism.
         self.anatomy = AnatomyDetector(threads=1)
 
     def _one(self, index, data):

@@ -1,2 +1,2 @@
 # This version runs model.onnx (beside this file) on ONNX Runtime; the adapter is the installed package's.
-from fundus_hemorrhage.onnxruntime_unet import TritonPythonModel  # noqa: F401
+from fundus_hemorrhage.backend.unet_model import TritonPythonModel  # noqa: F401

@@ -7,13 +7,13 @@ Per request, all its photos go to one version (fundus_hemorrhage.routing): the r
 pins it (a version unet does not serve is refused, INVALID_ARG, naming it and the served versions); else
 `routing_key` (sticky); else a random draw by the config parameter `traffic` ("3:90,2:10"); with no traffic, the
 newest loaded version. The split is read once, in initialize: a new split is applied by loading this model again
-with the new config (python -m fundus_hemorrhage.serving.traffic), which Triton does without dropping requests;
+with the new config (python -m fundus_hemorrhage_ops.serving.traffic), which Triton does without dropping requests;
 a split naming a version unet does not serve fails the load (checked once the server is ready), and the router
 loaded before keeps serving.
 
 Shadow mode (config parameters `shadow_version`, `shadow_rate` in [0, 1]): a sampled share of requests also runs
 on the shadow version in a background thread, after the served result is returned; its result is only compared
-(fundus_hemorrhage.metrics: Dice, lesion-count difference, its ms). At most one shadow inference is in flight per
+(fundus_hemorrhage.backend.metrics: Dice, lesion-count difference, its ms). At most one shadow inference is in flight per
 router instance; a sampled request finding one in flight is skipped and counted.
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from fundus_hemorrhage import contract as c
-from fundus_hemorrhage.metrics import RouterMetrics
+from fundus_hemorrhage.backend.metrics import RouterMetrics
 from fundus_hemorrhage.routing import NEWEST, TrafficError, agreement, choose, parse_traffic, parse_version
 
 OUTPUTS = [c.PROBABILITY, c.THRESHOLD, c.MODEL_VERSION]
@@ -63,7 +63,7 @@ class TritonPythonModel:
             missing = sorted(v for v in needed if not pb_utils.is_model_ready(c.SEGMENTATION_MODEL, str(v)))
         except pb_utils.TritonModelException:
             # Server start: Triton answers "Server not ready" (and polling it then has crashed tritonserver 2.51).
-            # The repository's unet config names these versions (fundus_hemorrhage.serving.traffic writes both).
+            # The repository's unet config names these versions (fundus_hemorrhage_ops.serving.traffic writes both).
             missing = []
             pb_utils.Logger.log_info(f"unet_router: server starting, traffic {self.split} not checked against "
                                      "the served unet versions")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import tempfile
 import time
@@ -31,11 +30,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from fundus_hemorrhage import quality
 from fundus_hemorrhage.pipeline import Pipeline
-from fundus_hemorrhage.preprocessing import ImageError, PreprocessConfig, decode, find_field_of_view, preprocess
+from fundus_hemorrhage.preprocessing import (ImageError, PreprocessConfig, decode_with_jpeg_quality, find_field_of_view,
+                                            preprocess)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PHOTOS = REPO_ROOT.parent / "shared" / "data" / "idrid_he" / "images"
@@ -144,24 +143,17 @@ def gated_pipeline(model: Path, thresholds: quality.QualityThresholds = quality.
     return Pipeline.from_onnx(model, preprocess_config=PreprocessConfig(quality_thresholds=thresholds))
 
 
-def jpeg_quality_of(data: bytes) -> float | None:
-    """The libjpeg quality of a JPEG's luminance table (None for other formats)."""
-    with Image.open(io.BytesIO(data)) as im:
-        tables = getattr(im, "quantization", None)
-    return quality.jpeg_quality(tables[0]) if tables else None
-
-
 def gate(data: bytes, config: PreprocessConfig = PreprocessConfig()) -> dict:
-    """The gate's metrics on the decoded, reduced photo, and the time they took (decode and FOV not included)."""
+    """The gate's metrics on the decoded, reduced photo, and the time they took (decode and FOV not included); the
+    JPEG quality is the one serving reads from the header (`decode_with_jpeg_quality`; None for other formats)."""
     try:
-        bgr, _, _ = decode(data, config)
+        bgr, _, _, jpeg_quality = decode_with_jpeg_quality(data, config)
         fov = find_field_of_view(bgr, config.min_fov_fraction, config.min_fov_texture)
     except ImageError as exc:
         return {"preprocess_error": str(exc)}
     start = time.perf_counter()
     metrics = quality.measure(bgr, fov)
     ms = (time.perf_counter() - start) * 1e3
-    jpeg_quality = jpeg_quality_of(data)
     jpeg_quality = None if jpeg_quality is None else round(jpeg_quality, 1)
     return {"metrics": quality.metrics_dict(metrics), "jpeg_quality": jpeg_quality, "gate_ms": round(ms, 2)}
 

@@ -49,12 +49,31 @@ def test_random_draw_follows_the_weights():
     assert Counter(choose(parse_traffic("3:0,2:100"), None, rng) for _ in range(1000)) == {2: 1000}
 
 
+# The documented rule (routing.key_position): the first 8 bytes of the key's UTF-8 BLAKE2b digest, big-endian,
+# / 2**64. These digests were written down once (hashlib.blake2b(key.encode(), digest_size=8).hexdigest()), so a
+# change of the rule, or a salted hash() that differs between processes, fails here.
+KEY_DIGESTS = {"patient-1": "72d1dbb28079ee3c", "study/42": "69c962000084c58e", "ä": "f04dbbe25e2ba039"}
+
+
+@pytest.mark.parametrize("key, digest", sorted(KEY_DIGESTS.items()))
+def test_routing_key_position_is_the_documented_blake2b_rule(key, digest):
+    assert key_position(key) == int(digest, 16) / 2.0**64
+    assert 0.0 <= key_position(key) < 1.0
+
+
 def test_routing_key_is_sticky_and_spread():
     split = parse_traffic("3:70,2:30")
-    for key in ("patient-1", "study/42", "ä"):
-        assert len({choose(split, key, random.Random(i)) for i in range(20)}) == 1
-    assert key_position("patient-1") == key_position("patient-1")  # not Python's salted hash()
-    counts = Counter(choose(split, f"patient-{i}") for i in range(5000))
+    # patient-1 at 0.449 and study/42 at 0.413 fall in version 3's share [0, 0.7); ä at 0.939 in version 2's
+    for key, version in (("patient-1", 3), ("study/42", 3), ("ä", 2)):
+        assert {choose(split, key, random.Random(i)) for i in range(20)} == {version}  # the rng is not used
+    keys = [f"patient-{i}" for i in range(5000)]
+    positions = np.array([key_position(k) for k in keys])
+    assert ((positions >= 0) & (positions < 1)).all() and len(set(positions.tolist())) == len(keys)
+    deciles = np.bincount((positions * 10).astype(int), minlength=10) / len(keys)
+    assert np.abs(deciles - 0.1).max() < 0.02  # spread evenly over [0, 1): binomial sd 0.0042
+    # newest version first: a key goes to version 3 exactly when its position is below 3's share
+    assert all(choose(split, k) == (3 if p < 0.7 else 2) for k, p in zip(keys, positions))
+    counts = Counter(choose(split, k) for k in keys)
     assert abs(counts[3] / 5000 - 0.7) < 0.03
 
 

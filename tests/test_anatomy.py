@@ -1,19 +1,19 @@
 """Optic disc and fovea detection: decoding, confidence and null paths, disc diameter, the committed detector on
-the committed sample photos, and its cost."""
+the committed sample photos, and its batching (its cost is measured by fundus_hemorrhage_training/evaluate_anatomy.py,
+not asserted here)."""
 
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from fundus_hemorrhage.anatomy import (ANATOMY_LENGTH, CELLS, FOUND, IMPLAUSIBLE, MODEL_PATH, NO_DISC, OUTSIDE,
-                                       REASONS, Anatomy, AnatomyDetector, anatomy_from_probability,
-                                       decode_landmarks, disc_diameter, plausible)
+from fundus_hemorrhage.anatomy import (ANATOMY_LENGTH, CELLS, DISC_DIAMETER_PRIOR, FOUND, IMPLAUSIBLE, MODEL_PATH,
+                                       NO_DISC, OUTSIDE, REASONS, Anatomy, AnatomyDetector,
+                                       anatomy_from_probability, decode_landmarks, disc_diameter, plausible)
 from fundus_hemorrhage.contract import WORKING_SIZE
 from fundus_hemorrhage.preprocessing import preprocess
 from fundus_hemorrhage.retinal_frame import Landmarks
@@ -96,7 +96,7 @@ def test_disc_diameter_on_a_synthetic_disc():
         pixels[:, y - 3:y + 3, 300:500] = 0.2
     assert disc_diameter(pixels, 403.0, 298.0) == pytest.approx(100.0, rel=0.08)
     # Nothing to measure: the prior.
-    assert disc_diameter(np.full_like(pixels, 0.3), 320.0, 320.0) == pytest.approx(0.153 * WORKING_SIZE)
+    assert disc_diameter(np.full_like(pixels, 0.3), 320.0, 320.0) == DISC_DIAMETER_PRIOR
 
 
 @pytest.fixture(scope="module")
@@ -139,19 +139,15 @@ def test_no_visible_disc_is_null(detector):
     assert lm.frame() is None and lm.disc is None and lm.disc_diameter_px is None
 
 
-def test_batch_and_cost(detector):
+def test_batch_answers_each_photo_on_its_own(detector):
+    """Its cost (~2-3 ms a photo on one free core) is measured by fundus_hemorrhage_training/evaluate_anatomy.py
+    (fundus_hemorrhage_perf/results/anatomy-eval.md), not asserted on a shared test machine."""
     pre = preprocess((SAMPLES / "IDRiD_14.jpg").read_bytes())
     batch = np.repeat(pre.pixels[None], 4, axis=0)
     out = detector(batch)
     assert out.shape == (4, ANATOMY_LENGTH) and out.dtype == np.float32
     assert np.allclose(out, out[:1], equal_nan=True)  # each photo on its own
-    costs = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        detector(pre.pixels[None])
-        costs.append(time.perf_counter() - t0)
-    # ~2-3 ms on one free core (fundus_hemorrhage_perf/results/anatomy-eval.md); generous for a shared CI machine.
-    assert sorted(costs)[len(costs) // 2] < 0.05
+    assert np.allclose(detector(pre.pixels[None]), out[:1], equal_nan=True)  # alone, as in a batch of four
 
 
 def test_training_augmentation_keeps_landmarks_on_their_pixels():

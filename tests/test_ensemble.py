@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from fundus_hemorrhage.contract import REPORT_SCHEMA_VERSION
+from fundus_hemorrhage.contract import MAX_BATCH_SIZE, REPORT_SCHEMA_VERSION
 from fundus_hemorrhage_ops.engines.identity import write_with_identity
 from fundus_hemorrhage.postprocessing import threshold_level
 from tests.conftest import ENSEMBLE, REPO_ROOT, infer, make_client, start_server, stop_server
@@ -44,7 +44,7 @@ def client(triton_server, protocol):
 def test_ensemble_metadata(triton_server):
     client = httpclient.InferenceServerClient(triton_server.http_url)
     config = client.get_model_config(ENSEMBLE)
-    assert config["platform"] == "ensemble" and config["max_batch_size"] >= 16
+    assert config["platform"] == "ensemble" and config["max_batch_size"] == MAX_BATCH_SIZE
     meta = client.get_model_metadata(ENSEMBLE)
     assert [(i["name"], i["datatype"]) for i in meta["inputs"]] == [("IMAGE", "BYTES")]
     assert {o["name"] for o in meta["outputs"]} == {"MASK", "LESIONS", "PROBABILITY"}

@@ -187,7 +187,8 @@ def test_error_report():
     assert r["status"] == "error" and r["image_index"] == 3 and "not an image" in r["error"]
 
 
-def test_synthetic_photo_round_trip_through_both_backends():
+def test_synthetic_photo_round_trip_through_preprocess_and_postprocess():
+    """A mask drawn on a generated PNG photo survives preprocess -> (working grid) -> postprocess, in process."""
     img, truth = synthetic_fundus(1200, 900, blobs=[(500, 400, 40), (800, 600, 25)])
     pre = preprocess(encode(img, ".png"))
     working = to_working(truth, pre.geometry, S).astype(np.float32) / 255.0

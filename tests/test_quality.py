@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from fundus_hemorrhage import quality
-from fundus_hemorrhage.preprocessing import ImageError, PreprocessConfig, decode, find_field_of_view, preprocess, \
-    read_header_and_jpeg_quality
-from fundus_hemorrhage_perf.quality_eval import DEGRADATIONS, UNGATED, degrade, dice, gated_pipeline, jpeg_quality_of, mask_of
+from fundus_hemorrhage.preprocessing import (ImageError, PreprocessConfig, decode_with_jpeg_quality, find_field_of_view,
+                                             preprocess, read_header_and_jpeg_quality)
+from fundus_hemorrhage_perf.quality_eval import DEGRADATIONS, UNGATED, degrade, dice, gate, gated_pipeline, mask_of
 from tests.fundus import encode, synthetic_fundus
 
 SAMPLES = sorted((Path(__file__).resolve().parents[1] / "samples").glob("*.jpg"))
@@ -22,10 +22,11 @@ MODEL = Path(__file__).resolve().parents[1] / "model_repository" / "unet" / "2" 
 
 def verdict(data: bytes, thresholds: quality.QualityThresholds = quality.SERVING_THRESHOLDS
             ) -> quality.QualityAssessment:
-    """The gate on encoded bytes, as preprocess runs it: on the decoded, reduced image."""
-    bgr, _, (fmt, *_) = decode(data, PreprocessConfig())
+    """The gate on encoded bytes, as preprocess runs it: on the decoded, reduced image, with the JPEG quality that
+    preprocess reads from the header."""
+    bgr, _, _, jpeg_quality = decode_with_jpeg_quality(data, PreprocessConfig())
     fov = find_field_of_view(bgr)
-    return quality.assess(bgr, fov, jpeg_quality_of(data) if fmt == "JPEG" else None, thresholds)
+    return quality.assess(bgr, fov, jpeg_quality, thresholds)
 
 
 def synthetic(transform=lambda bgr: bgr, thresholds: quality.QualityThresholds = quality.SERVING_THRESHOLDS
@@ -75,7 +76,17 @@ def test_jpeg_quality_is_recovered_from_the_quantisation_table(q):
     data = encode(img, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, q])
     with Image.open(io.BytesIO(data)) as im:
         assert quality.jpeg_quality(im.quantization[0]) == pytest.approx(q, abs=1.5)
-    assert jpeg_quality_of(encode(img, ".png")) is None
+    assert decode_with_jpeg_quality(encode(img, ".png"), PreprocessConfig())[3] is None
+
+
+@pytest.mark.parametrize("q", [10, 50, 95])
+def test_quality_eval_reports_the_jpeg_quality_that_serving_reads(q):
+    """fundus_hemorrhage_perf/quality_eval.py's gate() has no rule of its own: it reports serving's estimate."""
+    img, _ = synthetic_fundus()
+    data = encode(img, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, q])
+    served = read_header_and_jpeg_quality(data, PreprocessConfig())[1]
+    assert gate(data)["jpeg_quality"] == round(served, 1) == pytest.approx(q, abs=1.5)
+    assert gate(encode(img, ".png"))["jpeg_quality"] is None
 
 
 def test_metrics_do_not_depend_on_the_resolution():

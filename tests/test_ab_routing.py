@@ -12,6 +12,7 @@ import pytest
 
 from fundus_hemorrhage import contract as c
 from fundus_hemorrhage.model_config import parameters, read_config, router_config, unet_config
+from fundus_hemorrhage.postprocessing import PostprocessConfig
 from fundus_hemorrhage.routing import (NEWEST, Split, TrafficError, agreement, choose, dice, format_traffic,
                                        key_position, lesion_count, parse_traffic, parse_version, working_mask)
 from fundus_hemorrhage_ops.serving import traffic
@@ -127,8 +128,10 @@ def test_traffic_cli_writes_the_unet_versions_and_the_split(repository):
                          "--shadow-rate", "0.25"]) == 0
     unet = read_config(repository / c.SEGMENTATION_MODEL)
     assert list(unet.version_policy.specific.versions) == [2, 3]
-    assert parameters(read_config(repository / c.ROUTER)) == {
-        "traffic": "3:70,2:30", "shadow_version": "3", "shadow_rate": "0.25", "min_lesion_working_px": "2"}
+    router = parameters(read_config(repository / c.ROUTER))
+    # the lesion-size rule is postprocess's, whatever its spelling in the config ("2" or "2.0")
+    assert float(router.pop("min_lesion_working_px")) == PostprocessConfig.min_lesion_working_px
+    assert router == {"traffic": "3:70,2:30", "shadow_version": "3", "shadow_rate": "0.25"}
     header = (repository / c.ROUTER / "config.pbtxt").read_text().splitlines()[0]
     assert header.startswith("# Picks the unet version")  # the comment header is kept
     assert traffic.main(["--model-repository", str(repository), "--set", ""]) == 0

@@ -53,6 +53,7 @@ import numpy as np  # noqa: E402
 from fundus_hemorrhage import client as service  # noqa: E402
 from fundus_hemorrhage import overlay as drawing  # noqa: E402
 from fundus_hemorrhage.contract import MAX_BATCH_SIZE  # noqa: E402
+from fundus_hemorrhage.report import error_report  # noqa: E402
 from fundus_hemorrhage.report_index import THUMBNAIL_WIDTH, write_index  # noqa: E402
 
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -139,12 +140,12 @@ def output_names(paths: list[Path]) -> list[str]:
 # ----------------------------------------------------------------------------------------------- requests
 
 def failed(photo: Photo, reason: str, seconds: float = 0.0, report: dict | None = None) -> PhotoOutput:
-    return PhotoOutput(photo, False, report or service.error_report(reason), error=reason, seconds=seconds)
+    return PhotoOutput(photo, False, report or error_report(None, reason), error=reason, seconds=seconds)
 
 
 def process_batch(client, protocol: str, photos: list[Photo], probability: bool, timeout: float,
                   output: Path, parameters: dict | None = None) -> list[PhotoOutput]:
-    """Segment `photos` in one request (retried photo by photo if refused) and write their outputs."""
+    """Segment `photos` in one request and write their outputs."""
     readable, images, results = [], [], []
     for photo in photos:
         try:

@@ -6,8 +6,8 @@
         result.ok, result.mask_png, result.report, result.error
 
 `segment` sends the photos as one request (IMAGE BYTES [N, 1], N <= contract.MAX_BATCH_SIZE). The ensemble
-answers per photo, an error report for each photo it cannot read; it refuses the request as a whole when none can
-be read, and then `segment` retries photo by photo, so that each failure gets its own reason. `infer` is the bare
+answers per photo, an error report (status "error", `error` the reason) for each photo it cannot read, however
+many they are; `PhotoResult` (fundus_hemorrhage.report) reads the status and reason from the report. `infer` is the bare
 request (tritonclient's InferResult), for tools and tests that look at the tensors themselves.
 segment.py is this library's command line. tritonclient is imported on first use.
 """
@@ -18,11 +18,11 @@ import json
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from . import contract as c
+from .report import PhotoResult, error_report
 
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}  # tritonserver's defaults
 ALL_OUTPUTS = (c.MASK, c.LESIONS, c.PROBABILITY)
@@ -30,23 +30,6 @@ ALL_OUTPUTS = (c.MASK, c.LESIONS, c.PROBABILITY)
 
 class ServerNotReady(Exception):
     """The server cannot be reached, is not live, or the ensemble is not ready; the message is one line."""
-
-
-@dataclass
-class PhotoResult:
-    """One photo's answer: MASK PNG (8-bit, 255 = haemorrhage, at the photo's size), the LESIONS report (parsed),
-    PROBABILITY PNG (b"" unless asked), or `error`, the reason it has none (its report then says
-    {"status": "error"}, or {"status": "ungradable"} with an empty mask: `error` names the image-quality reasons).
-    `seconds`: its share of the round trip of the request that answered it."""
-    mask_png: bytes
-    report: dict
-    probability_png: bytes = b""
-    error: str = ""
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.error
 
 
 def normalise_url(url: str | None, protocol: str) -> str:
@@ -84,25 +67,10 @@ def one_line(text: str, limit: int = 300) -> str:
 def error_text(exc: BaseException) -> str:
     """The server's reason for a failed call, without transport prefixes; one line."""
     message = exc.message() if callable(getattr(exc, "message", None)) else None
-    text = one_line(message or str(exc) or type(exc).__name__)
+    text = re.sub(r"^in ensemble '[^']*', ", "", one_line(message or str(exc) or type(exc).__name__))
     if "failed to connect to all addresses" in text or "Connection refused" in text:
         return "connection refused"
     return text
-
-
-def photo_reason(text: str) -> str:
-    """'in ensemble 'x', image 0: not an image file' -> 'not an image file'."""
-    text = re.sub(r"^in ensemble '[^']*', ", "", text)
-    return re.sub(r"^image \d+: ", "", text)
-
-
-def server_unavailable(exc: BaseException) -> bool:
-    """True when the failure is the server being gone, so retrying photo by photo is pointless."""
-    status = getattr(exc, "status", None)
-    status = status() if callable(status) else status
-    if status is not None and "UNAVAILABLE" in str(status):
-        return True
-    return isinstance(exc, ConnectionError)
 
 
 def check_server(client, protocol: str, url: str, timeout: float = 10.0) -> None:
@@ -164,8 +132,8 @@ def infer(client, protocol: str, images, probability: bool | None = None, output
 
 def segment_batch(client, protocol: str, images: Sequence[bytes], probability: bool = False,
                   timeout: float | None = None, parameters: dict | None = None) -> list[PhotoResult]:
-    """One request, a result per photo in order; a photo the ensemble reported as unreadable, or answered without
-    a mask, has `error` set. Raises when the request as a whole fails (refused, unreachable, malformed reply)."""
+    """One request, a result per photo in order (`PhotoResult.ok`, `.error`: the photo's status and reason, as
+    data in its report). Raises when the request as a whole fails (refused, unreachable, malformed reply)."""
     names = [c.MASK, c.LESIONS] + ([c.PROBABILITY] if probability else [])
     result = infer(client, protocol, list(images), True if probability else None, names, timeout, parameters)
     masks = result.as_numpy(c.MASK).reshape(-1)
@@ -174,45 +142,28 @@ def segment_batch(client, protocol: str, images: Sequence[bytes], probability: b
     if not (len(masks) == len(reports) == len(probs) == len(images)):
         raise RuntimeError(f"malformed reply: {len(masks)} masks, {len(reports)} reports for {len(images)} photos")
     out = []
-    for mask, raw, prob in zip(masks, reports, probs):
+    for i, (mask, raw, prob) in enumerate(zip(masks, reports, probs)):
         try:
             report = json.loads(raw)
         except (TypeError, ValueError):
-            report = error_report("malformed lesion report from the server")
-        error = ""
-        if report.get("status") == "ungradable":  # answered, not segmented: never to be read as "no lesions"
-            error = "ungradable photo: " + ", ".join((report.get("image_quality") or {}).get("reasons") or ["?"])
-        elif report.get("status") != "ok":
-            error = photo_reason(str(report.get("error") or "the server reported an error"))
-        elif not mask:
-            error = "the server returned no mask"
-        out.append(PhotoResult(bytes(mask), report, bytes(prob), error))
+            report = error_report(i, "malformed lesion report from the server")
+        out.append(PhotoResult(bytes(mask), report, bytes(prob)))
     return out
-
-
-def error_report(reason: str) -> dict:
-    """The report of a photo that has no result, as the ensemble writes one."""
-    return {"schema_version": c.REPORT_SCHEMA_VERSION, "status": "error", "error": reason}
 
 
 def segment(client, protocol: str, images: Sequence[bytes], probability: bool = False,
             timeout: float | None = None, parameters: dict | None = None) -> list[PhotoResult]:
-    """A result per photo, in order; never raises for a failed photo or request (the photo's `error` says why).
-
-    A request refused as a whole (every photo unreadable, or one the server cannot take) is retried photo by
-    photo so that each photo gets its own reason; not when the server is gone (each photo then reads
-    "request failed: <reason>")."""
+    """A result per photo, in order, from one request however many photos fail; never raises. A request that
+    fails as a whole (over the request byte limit, a refused parameter, the server gone) gives every photo the
+    error "request failed: <reason>"."""
     if not images:
         return []
     start = time.monotonic()
     try:
         results = segment_batch(client, protocol, images, probability, timeout, parameters)
     except Exception as exc:
-        if len(images) > 1 and not server_unavailable(exc):
-            return [r for image in images
-                    for r in segment(client, protocol, [image], probability, timeout, parameters)]
-        reason = photo_reason(error_text(exc)) if len(images) == 1 else f"request failed: {error_text(exc)}"
-        results = [PhotoResult(b"", error_report(reason), error=reason) for _ in images]
+        reason = f"request failed: {error_text(exc)}"
+        results = [PhotoResult(b"", error_report(i, reason)) for i in range(len(images))]
     share = (time.monotonic() - start) / len(images)
     for result in results:
         result.seconds = share

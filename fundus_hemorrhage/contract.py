@@ -32,6 +32,9 @@ POSTPROCESS = "postprocess"
 
 MAX_BATCH_SIZE = 16  # photos per request, and the unet's largest dynamic batch
 WORKING_SIZE = 640  # side of the square working grid, pixels
+# Photos of one request that a preprocess or postprocess instance (and Pipeline) works on at once: OpenCV, the
+# decoders and zlib release the GIL, so one 10-photo request uses both cores of a 2-core machine.
+STEP_THREADS = 2
 
 # Ensemble inputs and outputs.
 IMAGE = "IMAGE"

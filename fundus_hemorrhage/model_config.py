@@ -16,6 +16,8 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from . import contract as c
+from .postprocessing import PostprocessConfig
+from .preprocessing import PreprocessConfig
 
 ModelConfig = pb.ModelConfig
 FP32, FP64, INT32, STRING = pb.TYPE_FP32, pb.TYPE_FP64, pb.TYPE_INT32, pb.TYPE_STRING
@@ -99,7 +101,8 @@ def preprocess_config(working_size: int = c.WORKING_SIZE, instances: int = 2) ->
                      "output": [_pixels(working_size), _tensor(c.GEOMETRY, FP64, [c.GEOMETRY_LENGTH]),
                                 _tensor(c.ERROR, STRING, [1]), _anatomy(), _tensor(c.QUALITY, STRING, [1])],
                      "instance_group": [{"kind": pb.ModelInstanceGroup.KIND_CPU, "count": instances}],
-                     "parameters": {"max_bytes": 64 * 2**20, "max_pixels": 60_000_000}})
+                     "parameters": {"max_bytes": PreprocessConfig.max_bytes, "max_pixels": PreprocessConfig.max_pixels,
+                                    "threads": c.STEP_THREADS}})
 
 
 def postprocess_config(working_size: int = c.WORKING_SIZE, instances: int = 2) -> ModelConfig:
@@ -108,14 +111,15 @@ def postprocess_config(working_size: int = c.WORKING_SIZE, instances: int = 2) -
                                _tensor(c.ERROR, STRING, [1]), _anatomy(), _tensor(c.QUALITY, STRING, [1])],
                      "output": [_tensor(n, STRING, [1]) for n in (c.MASK, c.LESIONS, c.PROBABILITY_PNG)],
                      "instance_group": [{"kind": pb.ModelInstanceGroup.KIND_CPU, "count": instances}],
-                     "parameters": {"min_lesion_working_px": 2}})
+                     "parameters": {"min_lesion_working_px": PostprocessConfig.min_lesion_working_px,
+                                    "threads": c.STEP_THREADS}})
 
 
 def router_config(working_size: int = c.WORKING_SIZE, *, traffic: str = "", shadow_version: int | None = None,
                   shadow_rate: float = 0.0, instances: int = 2) -> ModelConfig:
     """The `unet_router` model (Python backend): same I/O as unet; `traffic` "3:90,2:10" ("" = the newest
     version), optional shadow version and its sampled share of requests (fundus_hemorrhage.routing)."""
-    parameters = {"traffic": traffic, "min_lesion_working_px": 2}
+    parameters = {"traffic": traffic, "min_lesion_working_px": PostprocessConfig.min_lesion_working_px}
     if shadow_version is not None:
         parameters.update(shadow_version=shadow_version, shadow_rate=shadow_rate)
     return _message({"name": c.ROUTER, "backend": "python", "max_batch_size": c.MAX_BATCH_SIZE,

@@ -6,7 +6,6 @@ PROBABILITY output carries, so the mask is exactly `probability >= ceil(255 * th
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -23,7 +22,8 @@ from .retinal_frame import Landmarks, nearest_pixel_distance
 
 @dataclass(frozen=True)
 class PostprocessConfig:
-    threshold: float = 0.5
+    """What postprocess adds to the model. The threshold is not here: it comes with each photo's probabilities,
+    from the unet version that produced them (THRESHOLD)."""
     # Components smaller than this many working-grid pixels (scaled to original pixels) are specks:
     # the model cannot resolve anything smaller, so they are noise.
     min_lesion_working_px: float = 2.0
@@ -34,8 +34,8 @@ def threshold_level(threshold: float) -> int:
     return int(min(255, max(1, math.ceil(round(threshold * 255.0, 6)))))
 
 
-def _prob8(probability: np.ndarray) -> np.ndarray:
-    """The model's [S, S] (or [1, S, S]) probabilities as uint8 round(255 p)."""
+def probability_levels(probability: np.ndarray) -> np.ndarray:
+    """The model's [S, S] (or [1, S, S]) probabilities as uint8 round(255 p): the levels every mask is cut from."""
     prob = np.asarray(probability, dtype=np.float32)
     side = prob.shape[-1]
     return np.rint(np.clip(prob.reshape(side, side), 0.0, 1.0) * 255.0).astype(np.uint8)
@@ -74,7 +74,7 @@ def probability_to_original(probability: np.ndarray, geometry: Geometry) -> np.n
     out = np.zeros((geometry.height, geometry.width), dtype=np.uint8)
     x0, y0, x1, y1 = _fov_box(geometry)
     if x1 > x0 and y1 > y0:
-        out[y0:y1, x0:x1] = _warp_window(_prob8(probability), geometry, (x0, y0, x1, y1))
+        out[y0:y1, x0:x1] = _warp_window(probability_levels(probability), geometry, (x0, y0, x1, y1))
     return out
 
 
@@ -151,15 +151,15 @@ def _candidate_windows(prob8: np.ndarray, level: int, geometry: Geometry) -> lis
     return boxes
 
 
-def find_lesions(probability: np.ndarray, geometry: Geometry, config: PostprocessConfig, min_area: int,
+def find_lesions(probability: np.ndarray, geometry: Geometry, threshold: float, min_area: int,
                  fovea: tuple[float, float] | None = None) -> tuple[np.ndarray, list[Lesion]]:
     """The 0/255 mask at the original size and its lesions (components of at least `min_area` pixels).
 
     Identical to thresholding `probability_to_original` and labelling the whole photo, at a fraction of the cost.
     With `fovea` (x, y original pixels), each lesion's `fovea_distance_px` is measured on its own labelled pixels.
     """
-    prob8 = _prob8(probability)
-    level = threshold_level(config.threshold)
+    prob8 = probability_levels(probability)
+    level = threshold_level(threshold)
     mask = np.zeros((geometry.height, geometry.width), dtype=np.uint8)
     lesions = []
     for x0, y0, x1, y1 in _candidate_windows(prob8, level, geometry):
@@ -202,15 +202,14 @@ def postprocess(probability: np.ndarray, geometry: Geometry, threshold: float, m
     `image_quality`: the gate's verdict (a row of the QUALITY tensor). An ungradable photo is not segmented: an
     all-zero mask (and probability map, if asked) at the photo's size, and `report.ungradable_report`.
     """
-    config = dataclasses.replace(config, threshold=float(threshold))
     working_size = np.shape(probability)[-1]
     min_area = min_lesion_area(geometry, config, working_size)
     if not image_quality.gradable:
         empty = encode_png(np.zeros((geometry.height, geometry.width), np.uint8))
-        report = ungradable_report(geometry, config, str(model_version), min_area, image_quality)
+        report = ungradable_report(geometry, threshold, str(model_version), min_area, image_quality)
         return PostprocessResult(empty, report, empty if with_probability else b"")
     landmarks = Landmarks.from_anatomy(anatomy or Anatomy.unavailable(), geometry, working_size)
-    mask, lesions = find_lesions(probability, geometry, config, min_area, landmarks.fovea)
-    report = lesion_report(lesions, geometry, config, str(model_version), min_area, landmarks, image_quality)
+    mask, lesions = find_lesions(probability, geometry, threshold, min_area, landmarks.fovea)
+    report = lesion_report(lesions, geometry, threshold, str(model_version), min_area, landmarks, image_quality)
     probability_png = encode_png(probability_to_original(probability, geometry)) if with_probability else b""
     return PostprocessResult(encode_png(mask), report, probability_png)

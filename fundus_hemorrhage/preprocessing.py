@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 from dataclasses import dataclass
 
@@ -34,6 +35,16 @@ SUPPORTED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP")
 
 # PIL refuses images over 2x this; our own pixel guard (PreprocessConfig.max_pixels) runs first anyway.
 Image.MAX_IMAGE_PIXELS = None
+
+
+# serve.py --max-request-bytes reaches the preprocess model as this environment variable.
+MAX_REQUEST_BYTES_ENV = "HEMOSEG_MAX_REQUEST_BYTES"
+
+
+def max_request_bytes(max_batch_size: int, max_bytes: int, environ=os.environ) -> int:
+    """Bytes of images one request may carry: the environment's MAX_REQUEST_BYTES_ENV, else a full batch of
+    photos at the per-photo limit (`max_batch_size` x `max_bytes`)."""
+    return int(environ.get(MAX_REQUEST_BYTES_ENV) or max(1, max_batch_size) * max_bytes)
 
 
 class ImageError(ValueError):

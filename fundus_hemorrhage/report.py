@@ -13,6 +13,7 @@ an ungradable one's has status "ungradable", no lesions and zero totals (`ungrad
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 from .contract import REPORT_SCHEMA_VERSION, SEGMENTATION_MODEL
 from .geometry import Geometry
@@ -31,9 +32,9 @@ NOT_ASSESSED = QualityAssessment(True, (), None)  # a caller that ran no gate (e
 UNGRADABLE_ANATOMY = "not looked for: the photo is ungradable (see image_quality)"
 
 
-def lesion_report(lesions: list, geometry: Geometry, config, model_version: str, min_area: int,
+def lesion_report(lesions: list, geometry: Geometry, threshold: float, model_version: str, min_area: int,
                   landmarks: Landmarks | None = None, image_quality: QualityAssessment = NOT_ASSESSED) -> dict:
-    """Report of one photo from its `postprocessing.Lesion`s (original pixels), the `PostprocessConfig` used,
+    """Report of one photo from its `postprocessing.Lesion`s (original pixels), the producing version's `threshold`,
     the photo's `retinal_frame.Landmarks` (disc and fovea in original pixels; None: both unknown, reason given) and
     its image-quality verdict (`image_quality`; for an ungradable photo see `ungradable_report`).
 
@@ -79,7 +80,7 @@ def lesion_report(lesions: list, geometry: Geometry, config, model_version: str,
             "area_px": int(round(geometry.fov_area)),
         },
         "model": {"name": SEGMENTATION_MODEL, "version": str(model_version)},
-        "threshold": round(config.threshold, 6),  # float32 in the graph: 0.1725 arrives as 0.17249999
+        "threshold": round(float(threshold), 6),  # float32 in the graph: 0.1725 arrives as 0.17249999
         "min_lesion_area_px": min_area,
         "lesions": entries,
         "totals": {"count": len(entries), "area_px": total_area, "area_fov_fraction": round(total_area / fov_area, 7)},
@@ -89,15 +90,51 @@ def lesion_report(lesions: list, geometry: Geometry, config, model_version: str,
     }
 
 
-def ungradable_report(geometry: Geometry, config, model_version: str, min_area: int,
+def ungradable_report(geometry: Geometry, threshold: float, model_version: str, min_area: int,
                       image_quality: QualityAssessment) -> dict:
     """Report of a photo the quality gate refused: status "ungradable", `image_quality` with the reasons, no
     lesions, zero totals, the image and field of view as usual; the optic disc and fovea null with the reason
     `UNGRADABLE_ANATOMY` (the detector is not run on it)."""
     landmarks = dataclasses.replace(Landmarks.unavailable(geometry), disc_reason=UNGRADABLE_ANATOMY,
                                     fovea_reason=UNGRADABLE_ANATOMY)
-    return lesion_report([], geometry, config, model_version, min_area, landmarks, image_quality)
+    return lesion_report([], geometry, threshold, model_version, min_area, landmarks, image_quality)
 
 
 def error_report(index: int, reason: str) -> dict:
-    return {"schema_version": REPORT_SCHEMA_VERSION, "status": "error", "image_index": index, "error": reason}
+    """Report of photo `index` that has no result: status "error" and `error`, the reason in one line (no image
+    index in it: that is `image_index`). `index` None: a photo of a request that failed as a whole."""
+    report = {"schema_version": REPORT_SCHEMA_VERSION, "status": "error", "error": reason}
+    if index is not None:
+        report["image_index"] = index
+    return report
+
+
+@dataclass
+class PhotoResult:
+    """One photo's answer, as the ensemble returns it: MASK PNG (8-bit, 255 = haemorrhage, at the photo's size;
+    b"" for an error), the LESIONS report (parsed), PROBABILITY PNG (b"" unless asked). `seconds`: its share of the
+    round trip of the request that answered it (clients).
+
+    `status` is the report's: "ok" (segmented), "ungradable" (refused by the quality gate: empty mask, never to
+    be read as "no lesions") or "error" (no result). `ok` is True for "ok" only, and `error` says why otherwise."""
+    mask_png: bytes
+    report: dict
+    probability_png: bytes = b""
+    seconds: float = 0.0
+
+    @property
+    def status(self) -> str:
+        return str(self.report.get("status", "error"))
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok" and bool(self.mask_png)
+
+    @property
+    def error(self) -> str:
+        """"" when ok; else the reason: the report's `error`, or the image-quality reasons of an ungradable photo."""
+        if self.status == "ungradable":
+            return "ungradable photo: " + ", ".join((self.report.get("image_quality") or {}).get("reasons") or ["?"])
+        if self.status != "ok":
+            return str(self.report.get("error") or "the server reported an error")
+        return "" if self.mask_png else "the server returned no mask"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .postprocessing import threshold_level
+from .postprocessing import PostprocessConfig, probability_levels, threshold_level
 
 NEWEST = -1  # Triton's "latest loaded version"
 
@@ -125,11 +125,10 @@ def parse_version(value) -> int:
 
 def working_mask(probability: np.ndarray, threshold: float) -> np.ndarray:
     """[1, S, S] or [S, S] probabilities -> bool [S, S] mask at `threshold` (postprocess's rule)."""
-    prob8 = np.rint(np.clip(probability.reshape(probability.shape[-2:]), 0.0, 1.0) * 255.0).astype(np.uint8)
-    return prob8 >= threshold_level(threshold)
+    return probability_levels(probability) >= threshold_level(threshold)
 
 
-def lesion_count(mask: np.ndarray, min_lesion_working_px: float = 2) -> int:
+def lesion_count(mask: np.ndarray, min_lesion_working_px: float = PostprocessConfig.min_lesion_working_px) -> int:
     """8-connected components of a bool mask with at least `min_lesion_working_px` pixels."""
     n, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     return int(np.count_nonzero(stats[1:, cv2.CC_STAT_AREA] >= min_lesion_working_px)) if n > 1 else 0
@@ -142,7 +141,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def agreement(served: np.ndarray, served_threshold: float, shadow: np.ndarray, shadow_threshold: float,
-              min_lesion_working_px: float = 2) -> tuple[float, int]:
+              min_lesion_working_px: float = PostprocessConfig.min_lesion_working_px) -> tuple[float, int]:
     """(mask Dice, shadow lesion count - served lesion count) for one photo's working-grid probabilities."""
     a, b = working_mask(served, served_threshold), working_mask(shadow, shadow_threshold)
     return dice(a, b), lesion_count(b, min_lesion_working_px) - lesion_count(a, min_lesion_working_px)

@@ -289,7 +289,7 @@ def run_triton(args, photos, url: str) -> list[dict]:
 def start_fastapi(args, log_path: Path) -> tuple[subprocess.Popen, str]:
     """fundus_hemorrhage_perf/fastapi_baseline.py on a free port, serving args.checkpoint as the served version."""
     port = free_ports(1)[0]
-    cmd = [sys.executable, str(REPO_ROOT / "perf" / "fastapi_baseline.py"), "--checkpoint", str(args.checkpoint),
+    cmd = [sys.executable, str(REPO_ROOT / "fundus_hemorrhage_perf" / "fastapi_baseline.py"), "--checkpoint", str(args.checkpoint),
            "--model-repository", str(args.model_repository), "--port", str(port)]
     if args.threshold is not None:
         cmd += ["--threshold", str(args.threshold)]

@@ -105,7 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--probability", action="store_true",
                    help="ensemble requests ask for the PROBABILITY PNG (the pipeline arm makes it too)")
     p.add_argument("--label", default="bench", help="name of this run in the report (e.g. the tuning change)")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results" / "bench",
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "fundus_hemorrhage_perf" / "results" / "bench",
                    help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c.strip()]

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
                    help="photos folder (default: the repository's samples/; e.g. ../shared/data/idrid_he/images)")
     p.add_argument("--photo-glob", default=DEFAULT_GLOB)
     p.add_argument("--limit", type=int, default=0, help="at most this many photos (0: all)")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results" / "pa_input.json")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "fundus_hemorrhage_perf" / "results" / "pa_input.json")
     args = p.parse_args(argv)
     photos = load_photos(args.photos, args.photo_glob)
     if args.limit:

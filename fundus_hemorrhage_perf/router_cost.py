@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--rounds", type=int, default=3, help="direct+router window pairs")
     p.add_argument("--photos", type=Path, default=None, help="default: the repository's samples/")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results" / "router-cost")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "fundus_hemorrhage_perf" / "results" / "router-cost")
     p.add_argument("--markdown", type=Path, help="only write the .md beside this run's JSON")
     args = p.parse_args(argv)
     if args.markdown:

@@ -52,7 +52,7 @@ def evaluate(model: Model, manifest: Path, split: str = "val", threshold: float 
     """Scores at full resolution at `threshold` (not the graph's own); also the Dice-optimal threshold on this
     split (for threshold choice). Raises ImageError for a photo the service would refuse."""
     rows = [r for r in read_manifest(manifest) if r.split == split]
-    post = PostprocessConfig(threshold=threshold)
+    post = PostprocessConfig()
     pipeline = Pipeline(model, preprocess_config, threads=1)
     scores = SegmentationScores()
     for row in tqdm(rows, desc=f"eval {split}", disable=not progress, leave=False):
@@ -61,7 +61,7 @@ def evaluate(model: Model, manifest: Path, split: str = "val", threshold: float 
             raise ImageError(f"{row.image.name}: {pre}")
         prob = pipeline.predict([pre])[c.PROBABILITY][0]
         prob8 = probability_to_original(prob, pre.geometry)
-        mask, _ = find_lesions(prob, pre.geometry, post, min_lesion_area(pre.geometry, post, prob.shape[-1]))
+        mask, _ = find_lesions(prob, pre.geometry, threshold, min_lesion_area(pre.geometry, post, prob.shape[-1]))
         truth = cv2.imread(str(row.mask), cv2.IMREAD_GRAYSCALE)
         scores.add(prob8, truth > 127, original_fov_mask(pre.geometry), mask)
     pipeline.close()

@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--model", type=Path, default=MODEL_PATH)
     parser.add_argument("--other-per-set", type=int, default=40, help="photos per unlabeled set (0: skip)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results" / "anatomy-eval")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "fundus_hemorrhage_perf" / "results" / "anatomy-eval")
     args = parser.parse_args()
     detector = AnatomyDetector(args.model, threads=1)
     records, summary = evaluate_full_size(detector, args.data)

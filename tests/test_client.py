@@ -80,10 +80,10 @@ def test_library_answers_each_photo(triton_server, protocol):
     good, bad = service.segment(client, protocol, [photo, GARBAGE], probability=True)
     assert good.ok and good.report["status"] == "ok" and good.mask_png[:4] == b"\x89PNG" and good.probability_png
     assert not bad.ok and "not an image" in bad.error and not bad.mask_png and bad.report["status"] == "error"
-    # Refused as a whole (nothing readable): retried photo by photo, each with its own reason.
+    # Nothing readable: still one request, answered per photo, each with its own reason.
     first, second = service.segment(client, protocol, [GARBAGE, b""])
-    assert "not an image" in first.error and first.error != second.error and second.error
-    assert all("request failed" not in r.error and "image 0" not in r.error for r in (first, second))
+    assert "not an image" in first.error and second.error == "empty input: no image bytes"
+    assert [r.report["image_index"] for r in (first, second)] == [0, 1] and first.status == "error"
     assert first.seconds > 0
 
 
@@ -97,15 +97,14 @@ def test_library_unreachable_server():
         assert not result.ok and result.report["status"] == "error"
 
 
-def test_photo_reason():
-    assert service.photo_reason("in ensemble 'x', image 3: not an image file") == "not an image file"
+def test_normalise_url():
     assert service.normalise_url("http://host:9/", "http") == "host:9"
     assert service.normalise_url(None, "grpc") == "127.0.0.1:8001"
 
 
 def test_grpc_mixed_request_and_whole_request_refusal(triton_server, tmp_path):
-    # Two unreadable files first: with --batch-size 2 the server refuses that whole request, so the client
-    # retries them one at a time; then the samples in mixed/normal requests, with the probability map.
+    # Two unreadable files first (a request with nothing readable, answered per photo); then the samples in
+    # mixed/normal requests, with the probability map.
     bad = [tmp_path / "garbage.jpg", tmp_path / "broken.png"]
     for path in bad:
         path.write_bytes(GARBAGE)

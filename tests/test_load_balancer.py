@@ -22,7 +22,7 @@ def failover(tmp_path_factory) -> dict:
     if not (shutil.which("haproxy") or Path("/usr/sbin/haproxy").exists()):
         pytest.skip("haproxy is not installed (apt-get install haproxy)")
     output = tmp_path_factory.mktemp("haproxy") / "failover"
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "perf" / "haproxy" / "failover.py"), "--settle", "5",
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "fundus_hemorrhage_perf" / "haproxy" / "failover.py"), "--settle", "5",
                              "--output", str(output)], capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     return json.loads(output.with_suffix(".json").read_text())

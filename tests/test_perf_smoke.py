@@ -11,7 +11,7 @@ from pathlib import Path
 from conftest import REPO_ROOT, SAMPLES
 from fundus_hemorrhage.contract import ENSEMBLE, POSTPROCESS, PREPROCESS, SEGMENTATION_MODEL
 
-PERF = REPO_ROOT / "perf"
+PERF = REPO_ROOT / "fundus_hemorrhage_perf"
 
 
 def run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:

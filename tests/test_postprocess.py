@@ -183,7 +183,7 @@ def test_a_gradable_photo_reports_its_exposure_normalisation():
 
 
 def test_error_report():
-    r = error_report(3, "image 3: not an image file")
+    r = error_report(3, "not an image file")
     assert r["status"] == "error" and r["image_index"] == 3 and "not an image" in r["error"]
 
 
@@ -204,9 +204,8 @@ def test_windowed_lesions_equal_thresholding_the_whole_photo():
     rng = np.random.default_rng(1)
     prob = cv2.GaussianBlur(rng.random((S, S)).astype(np.float32), (0, 0), 3)
     prob = np.clip((prob - prob.mean()) * 12 + 0.3, 0, 1)  # many blobs of all sizes, some touching the FOV edge
-    config = PostprocessConfig(threshold=0.5)
-    min_area = min_lesion_area(g, config, S)
-    mask, lesions = find_lesions(prob, g, config, min_area)
+    min_area = min_lesion_area(g, PostprocessConfig(), S)
+    mask, lesions = find_lesions(prob, g, 0.5, min_area)
     full = probability_to_original(prob, g) >= threshold_level(0.5)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(full.astype(np.uint8), connectivity=8)
     big = stats[1:, cv2.CC_STAT_AREA] >= min_area
@@ -250,5 +249,5 @@ def test_mask_is_the_thresholded_probability_map_exactly():
         prob = session.run(None, {"PIXELS": pre.pixels[None]})[0][0]
         p8 = probability_to_original(prob, pre.geometry)
         for threshold in (0.0627, 0.3, 0.5):
-            mask, _ = find_lesions(prob, pre.geometry, PostprocessConfig(threshold=threshold), 1)
+            mask, _ = find_lesions(prob, pre.geometry, threshold, 1)
             assert np.array_equal(mask > 0, p8 >= threshold_level(threshold)), (photo.name, threshold)

@@ -6,20 +6,19 @@ several requests: they run as one ONNX Runtime batch. The graph's own THRESHOLD 
 (fundus_hemorrhage_ops.engines.identity) are passed on with the probabilities.
 """
 
-import json
 import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from fundus_hemorrhage import contract as c
+from fundus_hemorrhage.backend import model_config_and_parameters
 from fundus_hemorrhage.onnx_session import SERVING_THREADS, create_session, run
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        model_config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+        model_config, params = model_config_and_parameters(args)
         path = os.path.join(args["model_repository"], args["model_version"], params.get("onnx_file", "model.onnx"))
         self.session = create_session(path, int(params.get("intra_op_threads", SERVING_THREADS)))
         self.outputs = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in model_config["output"]}

@@ -29,6 +29,7 @@ from google.protobuf.text_format import ParseError
 
 from fundus_hemorrhage import contract as c
 from fundus_hemorrhage.model_config import parameters, preprocess_config, read_config
+from fundus_hemorrhage.preprocessing import MAX_REQUEST_BYTES_ENV, max_request_bytes
 from .admin import ADMIN_HEADER, Admin
 from .drain import Drain, drain
 from .proxy import BODY_HEADROOM, GrpcGuard, Proxy, find_haproxy, free_loopback_port
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 # trace and logging settings take file paths: no client may set them.
 RESTRICTED = "model-repository,shared-memory,trace,logging"
 ADMIN_KEY_ENV = "HEMOSEG_ADMIN_KEY"
-MAX_REQUEST_ENV = "HEMOSEG_MAX_REQUEST_BYTES"  # read by the preprocess model
 
 
 def default_max_request_bytes(repository: Path) -> int:
@@ -57,7 +57,7 @@ def default_max_request_bytes(repository: Path) -> int:
         photo = parameters(read_config(repository / c.PREPROCESS)).get("max_bytes", default_photo)
     except (OSError, ParseError):
         photo = default_photo
-    return batch * int(photo)
+    return max_request_bytes(batch, int(photo), environ={})
 
 
 def find_tritonserver(work_dir: Path) -> tuple[Path, Path | None, list[str]]:
@@ -148,7 +148,7 @@ def server_env(extra_libs: list[str], max_request_bytes: int | None = None) -> d
     env["LD_LIBRARY_PATH"] = ":".join(p for p in libs if p)
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     if max_request_bytes:
-        env[MAX_REQUEST_ENV] = str(max_request_bytes)
+        env[MAX_REQUEST_BYTES_ENV] = str(max_request_bytes)
     return env
 
 

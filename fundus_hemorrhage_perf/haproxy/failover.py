@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retry-on", default="conn-failure empty-response 503",
                    help="HAProxy retry-on: without empty-response, requests in flight on a killed replica fail")
     p.add_argument("--settle", type=float, default=6.0, help="seconds of load before and after each event")
-    p.add_argument("--output", type=Path, default=REPO_ROOT / "perf" / "results" / "haproxy-failover",
+    p.add_argument("--output", type=Path, default=REPO_ROOT / "fundus_hemorrhage_perf" / "results" / "haproxy-failover",
                    help="writes OUTPUT.json and OUTPUT.md")
     args = p.parse_args(argv)
     if not (shutil.which("haproxy") or Path("/usr/sbin/haproxy").exists()):

@@ -57,7 +57,7 @@ class TritonPythonModel:
         self.shadow_rate = float(params.get("shadow_rate", "0"))
         if not 0.0 <= self.shadow_rate <= 1.0:
             raise pb_utils.TritonModelException(f"shadow_rate {self.shadow_rate} is not in [0, 1]")
-        self.min_lesion_working_px = float(params.get("min_lesion_working_px", "2"))
+        self.min_lesion_working_px = float(params["min_lesion_working_px"])
         needed = set(self.split.versions) | ({self.shadow_version} if self.shadow_version else set())
         try:
             missing = sorted(v for v in needed if not pb_utils.is_model_ready(c.SEGMENTATION_MODEL, str(v)))

@@ -53,6 +53,7 @@ import numpy as np  # noqa: E402
 from fundus_hemorrhage import client as service  # noqa: E402
 from fundus_hemorrhage import overlay as drawing  # noqa: E402
 from fundus_hemorrhage.contract import MAX_BATCH_SIZE  # noqa: E402
+from fundus_hemorrhage.files import write_atomically  # noqa: E402
 from fundus_hemorrhage.report import error_report  # noqa: E402
 from fundus_hemorrhage.report_index import THUMBNAIL_WIDTH, write_index  # noqa: E402
 
@@ -184,29 +185,18 @@ def output_paths(output: Path, name: str) -> dict[str, Path]:
     return {kind: output / f"{name}_{kind}.{ext}" for kind, ext in OUTPUT_KINDS.items()}
 
 
-def write_file(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so an interrupted run leaves no half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_outputs(result: PhotoOutput, output: Path, photo_bytes: bytes | None = None) -> None:
     """Mask, overlay, report (and probability) of one photo; for a failure the error report only."""
     paths = output_paths(output, result.photo.name)
     report = dict(result.report, source=str(result.photo.path))
-    write_file(paths["lesions"], (json.dumps(report, indent=2) + "\n").encode())
+    write_atomically(paths["lesions"], (json.dumps(report, indent=2) + "\n").encode())
     if not result.ok:  # don't leave an earlier run's mask next to a report that says "error"
         for kind in ("mask", "overlay", "thumb", "probability"):
             paths[kind].unlink(missing_ok=True)
         return
-    write_file(paths["mask"], result.mask)
+    write_atomically(paths["mask"], result.mask)
     if result.probability:
-        write_file(paths["probability"], result.probability)
+        write_atomically(paths["probability"], result.probability)
     if photo_bytes is None:
         photo_bytes = result.photo.path.read_bytes()
     try:
@@ -220,12 +210,12 @@ def write_outputs(result: PhotoOutput, output: Path, photo_bytes: bytes | None =
     if not ok:
         result.notes.append("no overlay: PNG encoding failed")
         return
-    write_file(paths["overlay"], buf.tobytes())
+    write_atomically(paths["overlay"], buf.tobytes())
     scale = min(1.0, THUMBNAIL_WIDTH / overlay.shape[1])
     thumb = cv2.resize(overlay, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     ok, buf = cv2.imencode(".jpg", thumb, [cv2.IMWRITE_JPEG_QUALITY, 85])
     if ok:
-        write_file(paths["thumb"], buf.tobytes())
+        write_atomically(paths["thumb"], buf.tobytes())
 
 
 def decode_photo(photo_bytes: bytes) -> np.ndarray:

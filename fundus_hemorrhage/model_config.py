@@ -9,13 +9,13 @@ regenerates the config.pbtxt files of the repository (the unet keeps its current
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from . import contract as c
+from .files import write_atomically
 from .postprocessing import PostprocessConfig
 from .preprocessing import PreprocessConfig
 
@@ -185,13 +185,19 @@ def config_text(config: ModelConfig, header: list[str] = ()) -> str:
     return "".join(f"# {line}\n" for line in [*header, GENERATED]) + text_format.MessageToString(config)
 
 
+def version_numbers(model_dir: str | Path) -> list[int]:
+    """The numbered version folders of a model's folder in a Triton repository, ascending; [] without the folder."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(d.name) for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit())
+
+
 def write_config(path: Path, config: ModelConfig, header: list[str] = ()) -> None:
     """Write config.pbtxt atomically (a watcher never reads half a file). `path` is the file or the model's folder."""
     path = Path(path)
     path = path / "config.pbtxt" if path.is_dir() else path
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(config_text(config, header))
-    os.replace(tmp, path)
+    write_atomically(path, config_text(config, header))
 
 
 def repository_configs(unet_target_: str = "cpu") -> dict[str, tuple[ModelConfig, list[str]]]:

@@ -7,12 +7,12 @@ file names, URL-quoted, so the folder can be moved or served as it is.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from urllib.parse import quote
 
 from jinja2 import Environment, select_autoescape
 
+from .files import write_atomically
 from .retinal_frame import ETDRS_SUBFIELDS, RETINAL_QUADRANTS
 
 THUMBNAIL_WIDTH = 480  # px; the overlay's small copy, <stem>_thumb.jpg
@@ -98,7 +98,5 @@ def render_index(rows: list[dict]) -> str:
 def write_index(folder: Path, rows: list[dict]) -> Path:
     """Write folder/index.html (atomically) and return its path. Raises OSError when it cannot be written."""
     path = Path(folder) / "index.html"
-    tmp = path.with_name(f".index.html.{os.getpid()}.tmp")
-    tmp.write_text(render_index(rows), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(path, render_index(rows))
     return path

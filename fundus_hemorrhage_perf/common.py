@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from fundus_hemorrhage.contract import ENSEMBLE, SEGMENTATION_MODEL  # noqa: F401  (ENSEMBLE: for the perf tools)
+from fundus_hemorrhage.model_config import version_numbers
 from fundus_hemorrhage_ops.local_server import MODEL_REPOSITORY, REPO_ROOT
 
 CHECKPOINTS = REPO_ROOT / "checkpoints"
@@ -82,7 +83,7 @@ def check_outputs(lesions: np.ndarray | None, masks: np.ndarray | None, expected
 def served_version(model_repository: Path = MODEL_REPOSITORY,
                    model: str = SEGMENTATION_MODEL) -> tuple[Path, dict]:
     """The newest version folder of `model` holding a model.onnx, and its model.json (threshold, checkpoint)."""
-    versions = sorted((int(d.name) for d in (model_repository / model).iterdir() if d.name.isdigit()), reverse=True)
+    versions = version_numbers(model_repository / model)[::-1]
     for v in versions:
         folder = model_repository / model / str(v)
         if (folder / "model.onnx").exists():

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fundus_hemorrhage.files import replaced_atomically
 from fundus_hemorrhage.preprocessing import PreprocessConfig, decode, preprocess_decoded, to_working, working_fov_mask
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -128,11 +129,10 @@ def _cached(key: dict, cache_dir: Path | None, build):
         od = z["od"] if "od" in z and z["od"].size else None
         return Example(str(z["id"]), z["pixels"], target, z["fov"], float(z["weight"]), od)
     ex = build()
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, id=ex.id, pixels=ex.pixels, target=ex.target if ex.target is not None else np.zeros(0),
-             has_target=ex.target is not None, fov=ex.fov, weight=ex.weight,
-             od=ex.od if ex.od is not None else np.zeros(0, np.uint8))
-    tmp.replace(path)
+    with replaced_atomically(path) as tmp, open(tmp, "wb") as file:
+        np.savez(file, id=ex.id, pixels=ex.pixels, target=ex.target if ex.target is not None else np.zeros(0),
+                 has_target=ex.target is not None, fov=ex.fov, weight=ex.weight,
+                 od=ex.od if ex.od is not None else np.zeros(0, np.uint8))
     return ex
 
 

@@ -1,4 +1,4 @@
-"""Training package: MoCo mechanics, metrics against scikit-learn, and every entry point on generated photos.
+"""Training package: every entry point on generated photos (MoCo mechanics and metrics: test_training_units.py).
 
 Nothing here reads the shared data: the photos are synthetic fundus-like images (a reddish disc on black with
 dark red blobs as haemorrhages) written to tmp_path, with a manifest in the real one's format.
@@ -6,7 +6,6 @@ dark red blobs as haemorrhages) written to tmp_path, with a manifest in the real
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -21,9 +20,9 @@ import torch.nn.functional as F
 
 from fundus_hemorrhage_training import evaluate, pretrain_moco, recalibrate_bn, sweep, train_segmentation
 from fundus_hemorrhage_training.common import load_checkpoint
-from fundus_hemorrhage_training.metrics import SegmentationScores, average_precision_from_histograms, lesion_matches
 from fundus_hemorrhage_training.model import Encoder, build_model
-from fundus_hemorrhage_training.moco import MoCo, info_nce
+from fundus_hemorrhage_training.moco import MoCo
+from tests.training_data import training_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHANNELS = ["4", "8", "8", "8", "8"]
@@ -31,187 +30,13 @@ TINY = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--patch
         "--channels", *CHANNELS, "--no-progress", "--seed", "0"]
 
 
-# ------------------------------------------------------------------------------------------------ synthetic data
-
-def fundus_photo(rng: np.random.Generator, width: int = 400, height: int = 300) -> tuple[np.ndarray, np.ndarray]:
-    """BGR photo and its 0/255 haemorrhage mask: an orange-red disc, a pale optic disc, dark red blobs."""
-    yy, xx = np.mgrid[:height, :width].astype(np.float32)
-    cx, cy, r = width / 2 + rng.uniform(-10, 10), height / 2, 0.47 * height
-    d = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) / r
-    shade = np.clip(1.0 - 0.5 * d**2, 0, 1)[..., None]
-    img = shade * np.array([30, 90, 200], np.float32) + rng.normal(0, 4, (height, width, 3))
-    ox, oy = cx + rng.choice([-1, 1]) * 0.5 * r, cy + rng.uniform(-20, 20)
-    img[(xx - ox) ** 2 + (yy - oy) ** 2 < (0.12 * r) ** 2] = (150, 210, 240)  # optic disc
-    mask = np.zeros((height, width), np.uint8)
-    for _ in range(rng.integers(3, 7)):
-        a, t = rng.uniform(0, 0.8 * r), rng.uniform(0, 2 * np.pi)
-        centre = (int(cx + a * np.cos(t)), int(cy + a * np.sin(t)))
-        axes = (int(rng.integers(3, 10)), int(rng.integers(3, 10)))
-        cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, 255, -1)
-    img[mask > 0] = img[mask > 0] * 0.35 + np.array([15, 20, 70], np.float32) * 0.65
-    img[d > 1.0] = 0
-    mask[d > 1.0] = 0
-    return np.clip(img, 0, 255).astype(np.uint8), mask
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
-    """A manifest in the real one's format: exact labels, folds (fold 0 = val), OD masks, landmarks, and one
-    photo without a haemorrhage annotation (split "unlabeled", as IDRiD_43)."""
-    root = tmp_path_factory.mktemp("fundus")
-    rng = np.random.default_rng(0)
-    for sub in ("images", "masks", "od_masks"):
-        (root / "idrid_he" / sub).mkdir(parents=True)
-    rows, landmarks = [], []
-    for i, (split, fold, quality) in enumerate([("train", 1, "exact"), ("train", 2, "exact"), ("train", 1, "exact"),
-                                                ("val", 0, "exact"), ("val", 0, "exact"),
-                                                ("unlabeled", None, "no_he_annotation")]):
-        img, mask = fundus_photo(rng)
-        name = f"SYN_{i:02d}"
-        od = np.zeros_like(mask)
-        cv2.circle(od, (100, 150), 20, 255, -1)
-        cv2.imwrite(str(root / "idrid_he" / "images" / f"{name}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 92])
-        cv2.imwrite(str(root / "idrid_he" / "od_masks" / f"{name}_OD.png"), od)
-        labelled = quality == "exact"
-        if labelled:
-            cv2.imwrite(str(root / "idrid_he" / "masks" / f"{name}_HE.png"), mask)
-        rows.append({"id": name, "image": f"images/{name}.jpg", "mask": f"masks/{name}_HE.png" if labelled else "",
-                     "od_mask": f"od_masks/{name}_OD.png", "width": 400, "height": 300, "label_quality": quality,
-                     "split": split, "fold": "" if fold is None else fold,
-                     "he_fraction": round(float((mask > 0).mean()), 5) if labelled else ""})
-        landmarks.append({"id": name, "od_x": 100, "od_y": 150, "fovea_x": 220, "fovea_y": 160})
-    manifest = root / "idrid_he" / "manifest.csv"
-    for path, table in ((manifest, rows), (root / "idrid_he" / "landmarks.csv", landmarks[:4])):
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
-    unlabeled = root / "unlabeled"
-    for sub, ext in (("a", ".jpg"), ("b", ".png")):
-        (unlabeled / sub).mkdir(parents=True)
-        for i in range(2):
-            cv2.imwrite(str(unlabeled / sub / f"u{i}{ext}"), fundus_photo(rng, 360, 320)[0])
-    return {"manifest": manifest, "unlabeled": unlabeled, "cache": root / "cache"}
+    return training_data(tmp_path_factory.mktemp("fundus"))
 
 
 def common_args(data: dict) -> list[str]:
     return [*TINY, "--cache", str(data["cache"])]
-
-
-# ----------------------------------------------------------------------------------------------------- MoCo
-
-def tiny_moco(**kw) -> MoCo:
-    torch.manual_seed(0)
-    return MoCo((4, 8, 8), dim=8, **kw)
-
-
-def test_moco_queue_pointer_wraps_and_stores_keys():
-    moco = tiny_moco(queue_size=10)
-    assert moco.queue.shape == (8, 10) and int(moco.queue_ptr) == 0
-    batches = [F.normalize(torch.randn(4, 8), dim=1) for _ in range(3)]
-    moco._dequeue_and_enqueue(batches[0])
-    assert int(moco.queue_ptr) == 4
-    torch.testing.assert_close(moco.queue[:, 0:4], batches[0].T, rtol=0, atol=0)
-    moco._dequeue_and_enqueue(batches[1])
-    assert int(moco.queue_ptr) == 8
-    moco._dequeue_and_enqueue(batches[2])  # columns 8, 9, then wraps to 0, 1
-    assert int(moco.queue_ptr) == 2
-    torch.testing.assert_close(moco.queue[:, [8, 9, 0, 1]], batches[2].T, rtol=0, atol=0)
-    torch.testing.assert_close(moco.queue[:, 2:4], batches[0].T[:, 2:4], rtol=0, atol=0)
-    torch.testing.assert_close(moco.queue[:, 4:8], batches[1].T, rtol=0, atol=0)
-
-
-def test_moco_forward_enqueues_normalised_keys_of_the_key_encoder():
-    moco = tiny_moco(queue_size=16).train()
-    im_q, im_k = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
-    loss, logits, labels = moco(im_q, im_k)
-    assert logits.shape == (4, 1 + 16) and labels.tolist() == [0] * 4 and torch.isfinite(loss)
-    assert int(moco.queue_ptr) == 4
-    with torch.no_grad():
-        expected = moco.embed_key(im_k)  # same batch in train mode: same BN statistics
-    torch.testing.assert_close(moco.queue[:, :4], expected.T)
-    torch.testing.assert_close(moco.queue[:, :4].norm(dim=0), torch.ones(4))
-
-
-def test_moco_momentum_update_and_no_gradient_to_key_encoder():
-    moco = tiny_moco(momentum=0.9)
-    with torch.no_grad():  # make query and key differ
-        for p in moco.query_parameters():
-            p.add_(torch.randn_like(p))
-    before = [p.clone() for p in moco.key_parameters()]
-    query = [p.clone() for p in moco.query_parameters()]
-    moco._momentum_update_key_encoder()
-    for k0, q, k1 in zip(before, query, moco.key_parameters()):
-        torch.testing.assert_close(k1, 0.9 * k0 + 0.1 * q)
-        assert not torch.equal(k1, k0)
-    assert all(not p.requires_grad for p in moco.key_parameters())
-    assert all(p.requires_grad for p in moco.query_parameters())
-    loss, _, _ = moco(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32))
-    loss.backward()
-    assert all(p.grad is None for p in moco.key_parameters())
-    assert all(p.grad is not None for p in moco.query_parameters())
-    assert not moco.queue.requires_grad
-
-
-def test_info_nce_aligned_pairs_beat_random():
-    n, c, k = 4, 16, 8
-    q = torch.eye(c)[:n]  # [N, C] unit vectors
-    queue = torch.eye(c)[n:n + k].T  # [C, K] orthogonal to every query
-    aligned, logits, labels = info_nce(q, q.clone(), queue, temperature=0.2)
-    assert logits.shape == (n, 1 + k) and labels.shape == (n,)
-    torch.manual_seed(0)
-    rq, rk = F.normalize(torch.randn(n, c), dim=1), F.normalize(torch.randn(n, c), dim=1)
-    random_loss, _, _ = info_nce(rq, rk, F.normalize(torch.randn(c, k), dim=0), temperature=0.2)
-    assert aligned < random_loss
-    # Exact value: the positive at 1/T, every negative at 0.
-    expected = -torch.log(torch.exp(torch.tensor(5.0)) / (torch.exp(torch.tensor(5.0)) + k))
-    torch.testing.assert_close(aligned, expected)
-
-
-# -------------------------------------------------------------------------------------------------- metrics
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_average_precision_from_histograms_matches_sklearn(seed):
-    from sklearn.metrics import average_precision_score
-
-    rng = np.random.default_rng(seed)
-    labels = rng.random(20000) < 0.05
-    # Ties everywhere (256 levels) and some signal, as for served uint8 probabilities.
-    scores = np.clip(rng.integers(0, 256, labels.size) + labels * rng.integers(0, 120, labels.size), 0, 255)
-    scores = scores.astype(np.uint8)
-    pos = np.bincount(scores[labels], minlength=256)
-    neg = np.bincount(scores[~labels], minlength=256)
-    assert abs(average_precision_from_histograms(pos, neg) - average_precision_score(labels, scores)) < 1e-9
-    pure_noise = rng.integers(0, 256, labels.size).astype(np.uint8)
-    pos, neg = np.bincount(pure_noise[labels], minlength=256), np.bincount(pure_noise[~labels], minlength=256)
-    assert abs(average_precision_from_histograms(pos, neg) - average_precision_score(labels, pure_noise)) < 1e-9
-
-
-def test_lesion_matches_and_dice_on_hand_built_masks():
-    truth = np.zeros((20, 20), np.uint8)
-    truth[2:4, 2:4] = 1  # lesion A, 4 px
-    truth[10:12, 10:12] = 1  # lesion B, 4 px (missed)
-    pred = np.zeros_like(truth)
-    pred[3:5, 2:4] = 1  # overlaps A by 2 px
-    pred[15:17, 15:16] = 1  # false positive
-    pred[0, 19] = 1  # another false positive
-    assert lesion_matches(truth, pred) == (1, 2, 1, 3)
-    assert lesion_matches(truth, np.zeros_like(truth)) == (0, 2, 0, 0)
-
-    fov = np.ones_like(truth)
-    fov[0, :] = 0  # the lone corner prediction is outside the FOV
-    scores = SegmentationScores()
-    prob8 = (pred * 200).astype(np.uint8)
-    scores.add(prob8, truth, fov, pred)
-    s = scores.summary()
-    # |pred & truth| = 2; |pred| (inside FOV) = 4 + 2; |truth| = 8 -> Dice 4 / 14.
-    assert s["dice"] == pytest.approx(4 / 14) and s["dice_mean"] == pytest.approx(4 / 14)
-    assert (s["lesions_true"], s["lesions_predicted"]) == (2, 2)
-    assert s["lesion_sensitivity"] == 0.5 and s["lesion_precision"] == 0.5
-    perfect = SegmentationScores()
-    perfect.add((truth * 255).astype(np.uint8), truth, np.ones_like(truth), truth)
-    assert perfect.summary()["dice"] == 1.0 and perfect.summary()["pixel_aupr"] == 1.0
-    assert perfect.best_threshold()[1] == 1.0
 
 
 # ------------------------------------------------------------------------------------------------ entry points
@@ -582,7 +407,7 @@ def test_interrupted_moco_resumes_to_the_same_encoder(data, tmp_path):
 
 
 def test_queue_runs_skips_finished_and_summarises(data, tmp_path):
-    from fundus_hemorrhage_training import queue
+    from fundus_hemorrhage_training import run_queue as queue
 
     root = data["manifest"].parents[1]
     if not (root / "fundus_unlabeled").exists():

@@ -10,19 +10,24 @@ checkpoints/). Steps, each of which stops the build (exit 2, one line on stderr)
 
   cpu       export ONNX (dynamic batch, the contract's I/O names) -> onnx.checker -> ONNX Runtime (serving
             session) vs PyTorch through Polygraphy's Comparator on real preprocessed photos (samples/*.jpg)
-            -> with --int8: static QDQ quantization (per-channel weights) calibrated on *training* photos of
-            the manifest, both graphs evaluated on `val` along the serving path; INT8 ships only if the val
-            pixel AUPR drops by at most --int8-max-aupr-drop (0.01), else FP32 ships and the figures are recorded.
-            Rebuilding the newest version's checkpoint keeps its precision and must serve the same masks
-            (fp32: identical; int8: Dice >= 0.99 and probabilities within 1/255 on >= 99.5 % of each photo's
-            pixels, since int8 rounding differs between CPUs: fundus_hemorrhage_ops/engines/parity.py).
+            -> with --int8: static QDQ quantization (per-channel weights) calibrated on the manifest's first
+            --calibration-images *training* photos, both graphs evaluated on `val` along the serving path; INT8
+            ships only if the val pixel AUPR drops by at most --int8-max-aupr-drop (0.01), else FP32 ships and
+            the figures are recorded. model.json records the calibration set (ids, SHA-256 of the files, the
+            preprocessing they went through: int8.calibration).
+            Rebuilding the newest version's checkpoint keeps its precision, calibrates on that version's
+            recorded set (found by id in --manifest, checked by hash; stops naming any photo missing or changed;
+            --recalibrate draws anew) and must serve the same masks (fp32: identical; int8: Dice >= 0.99 and
+            probabilities within 1/255 on >= 99.5 % of each photo's pixels, since int8 rounding differs between
+            CPUs: fundus_hemorrhage_ops/engines/parity.py).
   tensorrt  needs an NVIDIA GPU, CUDA and TensorRT. FP16 plan built with Polygraphy (optimisation profile
             batch 1..max_batch_size), compared with ONNX Runtime FP32, then config.pbtxt becomes
             platform "tensorrt_plan".
 
 Every graph in the version folder carries the version's THRESHOLD and MODEL_VERSION outputs. The folder is
 assembled as unet/.building-N and renamed to unet/N only once every check passed, so Triton never sees half a
-version. model.json = the checkpoint's metadata + precision + build + parity (+ int8). The code lives in
+version. model.json = the checkpoint's metadata + precision + preprocessing (the plan its PIXELS need, checked
+by serving: fundus_hemorrhage_ops/engines/plan.py) + build + parity (+ int8). The code lives in
 fundus_hemorrhage_ops.engines.
 """
 
@@ -57,7 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parity-images", type=Path, nargs="+", help="photos for the parity checks (default: samples/)")
     p.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST,
                    help="int8: calibration (train) and gate (val) photos (default: ../shared/data/idrid_he/)")
-    p.add_argument("--calibration-images", type=int, default=16, help="int8: training photos to calibrate on")
+    p.add_argument("--calibration-images", type=int, default=16,
+                   help="int8: training photos to calibrate on (a rebuild uses the version's recorded set instead)")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="int8 rebuild: draw a new calibration set from --manifest instead of the recorded one")
     p.add_argument("--int8-max-aupr-drop", type=float,
                    help="int8 ships if the val pixel AUPR drops by at most this (default: engines.int8's, 0.01)")
     p.add_argument("--allow-mask-change", action="store_true",

@@ -1,5 +1,6 @@
 """build_engines.py and fundus_hemorrhage_ops.engines on the CPU: export + Polygraphy parity, version folders with
-their identity, INT8 and its gate, served-mask parity of rebuilds and its tolerance, FP16 ONNX, config.pbtxt.
+their identity, INT8 and its gate, served-mask parity of rebuilds and its tolerance, FP16 ONNX, config.pbtxt;
+what model.json declares (the preprocessing plan, the int8 calibration set) and what rebuilds and serving do with it.
 
 A tiny U-Net (made here, saved as a real checkpoint) works at 64 px so that most tests run in seconds; its
 repositories are built in tmp_path (never in model_repository/). Photos and masks are the committed samples.
@@ -29,11 +30,15 @@ from fundus_hemorrhage import model_config as mc
 from fundus_hemorrhage_ops.engines import BuildError
 from fundus_hemorrhage_ops.engines.build import build
 from fundus_hemorrhage_ops.engines.identity import read_identity, strip_identity
+from fundus_hemorrhage_ops.engines.calibration import resolve
 from fundus_hemorrhage_ops.engines.int8 import PhotoCalibrationReader, quantize_int8
 from fundus_hemorrhage_ops.engines.parity import (FP32_TOLERANCE, SERVED_TOLERANCE, photo_difference, preprocessed,
                                               served_difference_reason, served_outputs)
 from fundus_hemorrhage_ops.engines.tensorrt import to_float16
-from fundus_hemorrhage_ops.engines.version_folder import MODEL_PY, shipped_fp32_onnx, versions
+from fundus_hemorrhage_ops.engines.plan import plan_difference, preprocess_config, preprocessing_plan, served_plan
+from fundus_hemorrhage_ops.engines.version_folder import MODEL_PY, sha256, shipped_fp32_onnx, versions
+from fundus_hemorrhage_ops.serving.validation import validate_version
+from fundus_hemorrhage.preprocessing import PreprocessConfig
 from fundus_hemorrhage.onnx_session import create_session, run
 from fundus_hemorrhage_training.common import save_checkpoint
 from fundus_hemorrhage_training.model import build_model
@@ -88,6 +93,8 @@ def test_cpu_build_writes_a_consistent_version(built):
     meta = json.loads((folder / "model.json").read_text())
     assert meta["precision"] == "fp32" and meta["checkpoint"] == "tiny.pt" and meta["threshold"] == 0.5
     assert meta["model_config"]["channels"] == [4, 8, 8, 8, 8] and meta["build"]["working_size"] == SIZE
+    # what its PIXELS must be: the served preprocessing at its working size
+    assert meta["preprocessing"] == served_plan(SIZE) and meta["preprocessing"]["working_size"] == SIZE
     parity = meta["parity"]["onnxruntime_vs_pytorch"]
     assert parity["passed"] and parity["batches"] == [1, 2] and parity["max_abs"] <= FP32_TOLERANCE["atol"]
 
@@ -143,6 +150,9 @@ def test_int8_cli_ships_or_keeps_fp32_by_the_aupr_gate_and_rebuilds_within_toler
     folder = built / "unet" / "11"
     meta = json.loads((folder / "model.json").read_text())
     assert meta["precision"] == "int8" and meta["int8"]["shipped"] is True
+    calibration = meta["int8"]["calibration"]  # the first two train photos of the manifest, by id and file hash
+    assert calibration["photos"] == [{"id": p.stem, "sha256": sha256(p)} for p in SAMPLES[:2]]
+    assert calibration["preprocessing"] == meta["preprocessing"] == served_plan(SIZE)
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(folder / "model.onnx")).graph.node)
     # both graphs of the folder name version 11; the FP32 one is the source of GPU plans
     assert read_identity(folder / "model.onnx") == read_identity(folder / "model_fp32.onnx") == (11, 0.5)
@@ -154,6 +164,112 @@ def test_int8_cli_ships_or_keeps_fp32_by_the_aupr_gate_and_rebuilds_within_toler
     assert meta["precision"] == "int8" and same["passed"] and same["precision"] == "int8"
     assert same["tolerance"]["min_dice"] == SERVED_TOLERANCE["int8"].min_dice
     assert same["min_dice"] == 1.0 and same["differing_pixels"] == 0  # same machine, same kernels: identical
+    assert meta["int8"]["calibration"] == calibration  # the recorded set, not a new draw
+
+
+def _manifest(path: Path, rows: list[tuple[Path, str]]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "image", "mask", "width", "height", "label_quality", "split", "he_fraction"])
+        for photo, split in rows:
+            w.writerow([photo.stem, photo, REPO_ROOT / "samples" / f"{photo.stem}_HE.png", 4288, 2848, "exact",
+                        split, 0])
+    return path
+
+
+def test_rebuild_calibrates_on_the_recorded_set_and_names_missing_or_changed_photos(work, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    a, b, v = (Path(shutil.copy(p, photos / p.name)) for p in SAMPLES)  # copies: their bytes get changed below
+    repo = tmp_path / "repo"
+    common = ["--target", "cpu", "--model-repository", str(repo), "--checkpoint", str(work / "checkpoints" / "tiny.pt"),
+              "--checkpoints-dir", str(work / "checkpoints"), "--calibration-images", "1", "--int8-max-aupr-drop", "1"]
+    assert be.main([*common, "--int8", "--manifest", str(_manifest(tmp_path / "m1.csv", [(a, "train"), (b, "train"),
+                                                                                         (v, "val")]))]) == 0
+    recorded = json.loads((repo / "unet" / "1" / "model.json").read_text())["int8"]["calibration"]
+    assert recorded["photos"] == [{"id": a.stem, "sha256": sha256(a)}]
+
+    # The manifest changed: its rule would now draw b. The rebuild still calibrates on a, found by id.
+    moved = _manifest(tmp_path / "m2.csv", [(b, "train"), (a, "val"), (v, "val")])
+    assert be.main([*common, "--manifest", str(moved)]) == 0
+    meta = json.loads((repo / "unet" / "2" / "model.json").read_text())
+    assert meta["int8"]["calibration"] == recorded and meta["parity"]["served_masks_vs_version_1"]["min_dice"] == 1.0
+
+    a.write_bytes(a.read_bytes() + b"\0")  # same id, other bytes: refused by hash
+    assert be.main([*common, "--manifest", str(moved)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"changed {a.stem} (sha256" in err and "version 2" in err, err
+    a.unlink()
+    assert be.main([*common, "--manifest", str(moved)]) == 2
+    err = capsys.readouterr().err
+    assert f"missing {a.stem} ({a} not found)" in err and "--recalibrate" in err, err
+    assert versions(repo / "unet") == [1, 2]  # nothing written by the refused builds
+
+    # --recalibrate draws anew (b) and records it; the masks change, which the operator accepts here
+    anew = _manifest(tmp_path / "m3.csv", [(b, "train"), (v, "val")])
+    assert be.main([*common, "--manifest", str(anew), "--recalibrate", "--allow-mask-change"]) == 0
+    meta = json.loads((repo / "unet" / "3" / "model.json").read_text())
+    assert meta["int8"]["calibration"]["photos"] == [{"id": b.stem, "sha256": sha256(b)}]
+
+
+def test_preprocessing_plan_round_trips_and_the_shipped_versions_declare_theirs():
+    for config in (PreprocessConfig(), PreprocessConfig(working_size=SIZE, clahe_clip_limit=3.0)):
+        plan = preprocessing_plan(config)
+        assert json.loads(json.dumps(plan, allow_nan=False)) == plan  # strict JSON ("inf" as a string)
+        assert preprocess_config(plan) == config
+    with pytest.raises(ValueError, match="pixels"):
+        preprocess_config({**served_plan(), "pixels": "float32 BGR"})
+    with pytest.raises(ValueError, match="not reproducible"):
+        preprocess_config({**served_plan(), "resize": "nearest"})  # a field this runtime does not know
+    assert plan_difference(served_plan(), served_plan()) is None
+    other = {**served_plan(), "clahe": {**served_plan()["clahe"], "clip_limit": 3.0}}
+    assert plan_difference(other, served_plan()) == ("clahe.clip_limit: the version needs 3.0, the preprocess step "
+                                                     "does 2.0")
+
+    unet = REPO_ROOT / "model_repository" / "unet"
+    for version in versions(unet):
+        meta = json.loads((unet / str(version) / "model.json").read_text())
+        assert meta["preprocessing"] == served_plan(c.WORKING_SIZE), version
+        if meta["precision"] == "int8":
+            calibration = meta["int8"]["calibration"]
+            assert len(calibration["photos"]) == meta["int8"]["calibration_images"]
+            named = [p for p in calibration["photos"] if p["id"]]
+            assert named and all(len(p["sha256"]) == 64 for p in named)
+            preprocess_config(calibration["preprocessing"])  # a plan this runtime can apply
+
+
+def test_a_recorded_set_that_cannot_be_reproduced_is_named(tmp_path):
+    """v2's record: 5 photos named (not in this manifest), 11 that no longer exist in the data."""
+    meta = json.loads((REPO_ROOT / "model_repository" / "unet" / "2" / "model.json").read_text())
+    named = [p["id"] for p in meta["int8"]["calibration"]["photos"] if p["id"]]
+    with pytest.raises(BuildError) as error:
+        resolve(meta["int8"]["calibration"], _manifest(tmp_path / "m.csv", [(SAMPLES[0], "train")]), 2)
+    message = str(error.value)
+    assert all(f"{pid} (not in the manifest)" in message for pid in named)
+    assert f"{16 - len(named)} never identified" in message and "lossy 512x512 copy" in message
+
+
+def test_serving_refuses_a_version_whose_preprocessing_differs(built, tmp_path):
+    unet = tmp_path / "model_repository" / "unet"
+    shutil.copytree(built / "unet", unet)
+    config = mc.read_config(unet)
+    path = unet / "1" / "model.json"
+    meta = json.loads(path.read_text())
+    assert validate_version(unet / "1", config) is None
+    exposure = {**meta["preprocessing"]["exposure"], "normalise_below": 56.0}
+    path.write_text(json.dumps({**meta, "preprocessing": {**meta["preprocessing"], "exposure": exposure}}))
+    reason = validate_version(unet / "1", config)
+    assert reason == ("model.json's preprocessing is not the preprocess step's: exposure.normalise_below: the "
+                      "version needs 56.0, the preprocess step does inf")
+    # the repository's preprocess step decides the working size: a 64 px version in a 640 px repository
+    path.write_text(json.dumps(meta))
+    shutil.copytree(REPO_ROOT / "model_repository" / c.PREPROCESS, unet.parent / c.PREPROCESS,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    assert "working_size: the version needs 64, the preprocess step does 640" in validate_version(unet / "1", config)
+    shutil.rmtree(unet.parent / c.PREPROCESS)
+    # a model.json without "preprocessing" (versions built before it was recorded) is read as the default plan
+    path.write_text(json.dumps({k: v for k, v in meta.items() if k != "preprocessing"}))
+    assert validate_version(unet / "1", config) is None
 
 
 def _mask_and_probability(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

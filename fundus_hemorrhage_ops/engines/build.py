@@ -20,12 +20,13 @@ from fundus_hemorrhage import contract as c
 from fundus_hemorrhage import model_config as mc
 from . import BuildError
 from .identity import read_identity, strip_identity, write_with_identity
+from .plan import declared_plan, served_plan
 from .version_folder import (VersionFolder, check_repository_dims, checkpoint_name, default_checkpoint,
                              newest_built_from, sha256, shipped_fp32_onnx, versions)
 
 # model.json fields that a plan built from a shipped ONNX inherits from that version.
 INHERITED = ("threshold", "stage", "checkpoint", "model_config", "git_commit", "manifest_sha256", "trained",
-             "val_metrics")
+             "val_metrics", "preprocessing")
 
 
 def _say(message: str) -> None:
@@ -112,6 +113,7 @@ def _build_into(args, folder: VersionFolder, tmp: Path, trt_version: str | None)
                   "packages": package_versions("torch", "onnx", "onnxruntime", "polygraphy", "tensorrt"),
                   "identity": f"THRESHOLD {threshold} and MODEL_VERSION {folder.version} outputs "
                               "(fundus_hemorrhage_ops.engines.identity)"}
+    preprocessing = served_plan(working_size)
     parity = {}
     if src["module"] is not None:
         _say("comparing ONNX Runtime with PyTorch (Polygraphy)")
@@ -123,11 +125,14 @@ def _build_into(args, folder: VersionFolder, tmp: Path, trt_version: str | None)
         if "/" not in name and not (args.checkpoints_dir / name).is_file():
             _say(f"note: {checkpoint.name} is not in the checkpoints folder; ship it there as {name} so that "
                  "later builds can find it")
-        base = lambda precision: model_metadata(src["ckpt"], name, precision)  # noqa: E731
+        # What the version's PIXELS must be: the serving preprocessing at its working size (engines.plan).
+        base = lambda precision: {**model_metadata(src["ckpt"], name, precision),  # noqa: E731
+                                  "preprocessing": preprocessing}
     else:
         meta = src["source_meta"]
         base = lambda precision: {**{k: meta.get(k) for k in INHERITED}, "threshold": threshold,  # noqa: E731
-                                  "precision": precision, "source_version": meta.get("source_version")}
+                                  "precision": precision, "source_version": meta.get("source_version"),
+                                  "preprocessing": declared_plan(meta)}  # the plan is the source version's
         build_info["checkpoint_sha256"] = meta.get("build", {}).get("checkpoint_sha256")
 
     # The FP32 graph of this version: what ships on the CPU (fp32), beside int8, or what the plan is built from.
@@ -156,7 +161,8 @@ def _build_into(args, folder: VersionFolder, tmp: Path, trt_version: str | None)
         _say("INT8 calibration on training photos, then val evaluation of FP32 and INT8")
         build_info["cpu_int8_isa"] = cpu_int8_isa()
         int8_plain, int8_onnx = tmp / "model_int8_plain.onnx", tmp / "model_int8.onnx"
-        int8 = calibrate(src["plain"], int8_plain, args.manifest, working_size, args.calibration_images)
+        calibration_photos, calibration = _calibration_set(args, newest, preprocessing)
+        int8 = calibrate(src["plain"], int8_plain, calibration_photos, working_size, calibration)
         write_with_identity(int8_plain, int8_onnx, folder.version, threshold)
         max_drop = INT8_MAX_AUPR_DROP if args.int8_max_aupr_drop is None else args.int8_max_aupr_drop
         int8.update(int8_gate(fp32, int8_onnx, args.manifest, working_size, threshold, max_drop))
@@ -178,6 +184,19 @@ def _build_into(args, folder: VersionFolder, tmp: Path, trt_version: str | None)
     # An existing CPU config stays as it is (hand-tuned threads); else the generated one.
     keep_config = current is not None and mc.unet_target(current) == "cpu"
     return meta, None if keep_config else "cpu", working_size, max_batch
+
+
+def _calibration_set(args, newest: tuple[int, dict] | None, plan: dict) -> tuple[list[tuple[str, Path]], dict]:
+    """The int8 calibration photos ((id, path)) and their record (engines.calibration). A rebuild of the newest
+    version's checkpoint uses that version's recorded set, found by id in --manifest and checked by SHA-256
+    (BuildError naming what is missing or changed), unless --recalibrate; any other build draws a new set."""
+    from . import calibration as cal
+    recorded = ((newest[1].get("int8") or {}).get("calibration") if newest else None)
+    if recorded and not args.recalibrate:
+        _say(f"calibrating on version {newest[0]}'s recorded set ({len(recorded.get('photos') or [])} photos)")
+        return cal.resolve(recorded, args.manifest, newest[0]), recorded
+    photos = cal.draw(args.manifest, args.calibration_images)
+    return photos, cal.record(photos, plan, args.manifest)
 
 
 def _rebuild_parity(model_dir: Path, newest: tuple[int, dict], rebuilt: Path, photos: list[Path], working_size: int,

@@ -1,9 +1,10 @@
 """INT8 for the CPU: static QDQ quantization with ONNX Runtime, and the gate that decides whether it ships.
 
 The gate measures both graphs as they would be served: each version-folder graph (with its THRESHOLD and
-MODEL_VERSION) runs on onnx_session.create_session's options through fundus_hemorrhage_training.evaluate (the serving path of
-fundus_hemorrhage.pipeline, scored at full resolution). INT8 ships only if the val pixel AUPR drops by at most
-`max_aupr_drop` (default 0.01 AUPR, absolute; v2 measured a 0.0016 drop).
+MODEL_VERSION) runs on onnx_session.create_session's options through fundus_hemorrhage_training.evaluate (the
+serving path of fundus_hemorrhage.pipeline, scored at full resolution). INT8 ships only if the val pixel AUPR
+drops by at most `max_aupr_drop` (default 0.01 AUPR, absolute; v2 measured a 0.0016 drop). Which photos
+calibrate, and their record in model.json: engines.calibration.
 """
 
 from __future__ import annotations
@@ -20,37 +21,43 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from fundus_hemorrhage import contract as c
 from fundus_hemorrhage.onnx_session import SERVING_THREADS, create_session, run
 from fundus_hemorrhage.pipeline import onnx_model
-from fundus_hemorrhage.preprocessing import PreprocessConfig
+from fundus_hemorrhage.preprocessing import ImageError, PreprocessConfig, preprocess
 from . import BuildError
 from .export import check_onnx
-from .parity import preprocessed
 
 INT8_MAX_AUPR_DROP = 0.01
 
 
-def manifest_photos(manifest: Path, split: str) -> list[Path]:
-    """Photos of a split, the full-size camera photos (what is served) before the 512 px letterboxed copies."""
-    from fundus_hemorrhage_training.data import read_manifest
-    rows = [r for r in read_manifest(manifest) if r.split == split]
-    rows.sort(key=lambda r: (r.label_quality.startswith("lossy"), r.id))
-    return [r.image for r in rows]
-
-
 class PhotoCalibrationReader(CalibrationDataReader):
-    """Calibration data: photos preprocessed exactly as served, one at a time as PIXELS [1, 3, S, S]."""
+    """Calibration data: photos preprocessed as `config` says (default: as served at `working_size`), one at a
+    time as PIXELS [1, 3, S, S]. All are preprocessed up front (16 photos at 640 px: 79 MB), so that an unreadable
+    or ungradable photo stops the build with its name instead of calibrating on zeros."""
 
-    def __init__(self, photos: list[Path], working_size: int):
+    def __init__(self, photos: list[Path], working_size: int, config: PreprocessConfig | None = None):
+        config = config or PreprocessConfig(working_size=working_size)
+        if config.working_size != working_size:
+            raise BuildError(f"calibration preprocessing works at {config.working_size} px, the model at "
+                             f"{working_size}")
         self.photos, self.working_size = list(photos), working_size
-        self._cache: dict[int, np.ndarray] = {}
+        self._pixels = [self._preprocess(Path(p), config) for p in self.photos]
         self._next = 0
 
+    @staticmethod
+    def _preprocess(photo: Path, config: PreprocessConfig) -> np.ndarray:
+        try:
+            pre = preprocess(photo.read_bytes(), config)
+        except (OSError, ImageError) as exc:
+            raise BuildError(f"calibration photo {photo}: {exc}") from None
+        if not pre.quality.gradable:
+            raise BuildError(f"calibration photo {photo} is ungradable ({', '.join(pre.quality.reasons)}): "
+                             "its pixels would be all zero")
+        return pre.pixels[None]
+
     def get_next(self) -> dict | None:
-        if self._next >= len(self.photos):
+        if self._next >= len(self._pixels):
             return None
-        i, self._next = self._next, self._next + 1
-        if i not in self._cache:
-            self._cache[i] = preprocessed(self.photos[i], self.working_size).pixels[None]
-        return {c.PIXELS: self._cache[i]}
+        self._next += 1
+        return {c.PIXELS: self._pixels[self._next - 1]}
 
     def rewind(self) -> None:
         self._next = 0
@@ -111,18 +118,19 @@ def evaluate_onnx(onnx_path: Path, manifest: Path, split: str, threshold: float,
                     progress=False)
 
 
-def calibrate(fp32_onnx: Path, int8_onnx: Path, manifest: Path, working_size: int, calibration_images: int) -> dict:
-    """Quantize `fp32_onnx` (PIXELS -> PROBABILITY) calibrated on the manifest's first training photos."""
-    if not manifest.is_file():
-        raise BuildError(f"int8 needs the data manifest (calibration on train, gate on val): {manifest} not found "
-                         "(--manifest)")
-    train = manifest_photos(manifest, "train")[:calibration_images]
-    if not train:
-        raise BuildError(f"{manifest} has no train photos to calibrate on")
-    from fundus_hemorrhage_training.common import file_hash
-    # What a later rebuild needs to reproduce the calibration (another set gives other int8 scales).
-    return {**quantize_int8(fp32_onnx, int8_onnx, PhotoCalibrationReader(train, working_size)),
-            "calibration_manifest_sha256": file_hash(manifest), "calibration_photos": [p.stem for p in train]}
+def calibrate(fp32_onnx: Path, int8_onnx: Path, photos: list[tuple[str, Path]], working_size: int,
+              calibration: dict) -> dict:
+    """Quantize `fp32_onnx` (PIXELS -> PROBABILITY) calibrated on `photos` ((id, path)) preprocessed with
+    `calibration["preprocessing"]` (engines.plan). Returns model.json's "int8" with `calibration` (the record of
+    engines.calibration: what a rebuild needs to reproduce the scales) and its calibration_manifest_sha256."""
+    from .plan import preprocess_config
+    try:
+        config = preprocess_config(calibration["preprocessing"])
+    except (KeyError, ValueError) as exc:
+        raise BuildError(f"calibration preprocessing: {exc}") from None
+    reader = PhotoCalibrationReader([path for _, path in photos], working_size, config)
+    return {**quantize_int8(fp32_onnx, int8_onnx, reader),
+            "calibration_manifest_sha256": calibration.get("manifest_sha256"), "calibration": calibration}
 
 
 def int8_gate(fp32_onnx: Path, int8_onnx: Path, manifest: Path, working_size: int, threshold: float,

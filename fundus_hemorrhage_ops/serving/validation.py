@@ -4,7 +4,9 @@ A folder passes when the files its config names are there (a folder still being 
 yet), its ONNX file loads with fundus_hemorrhage.onnx_session.create_session (in a subprocess: a crash or a
 huge allocation stays out of serve.py) and maps a zero input of the configured shape to outputs of the
 configured shapes, and the identity baked into the graph (fundus_hemorrhage_ops.engines.identity) names the
-folder's own version number: a folder copied to another number would report the wrong version.
+folder's own version number: a folder copied to another number would report the wrong version. The preprocessing
+its model.json declares (fundus_hemorrhage_ops.engines.plan; none declared: the default plan) must be what the
+repository's preprocess step does, or its masks would come from pixels it was not made for.
 
     python -m fundus_hemorrhage_ops.serving.validation <model.onnx> <version> [<spec JSON>]   (what the subprocess runs)
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as pb
 
 from fundus_hemorrhage import contract as c
-from fundus_hemorrhage.model_config import ModelConfig, parameters
+from fundus_hemorrhage.model_config import ModelConfig, parameters, read_config, tensor_dims
 from .admin import LOAD_TIMEOUT
 
 # The model file a backend loads when the config names none (Triton's defaults).
@@ -52,10 +54,37 @@ def onnx_spec(config: ModelConfig) -> dict | None:
     return {"inputs": inputs, "outputs": outputs, "identity": c.MODEL_VERSION in outputs}
 
 
+def served_working_size(version_dir: Path, config: ModelConfig | None) -> int:
+    """The working size of the repository's preprocess step (its PIXELS output), else of `config`'s PIXELS input,
+    else the contract's."""
+    preprocess = version_dir.parent.parent / c.PREPROCESS / "config.pbtxt"
+    for cfg in ([read_config(preprocess)] if preprocess.is_file() else []) + ([config] if config else []):
+        dims = tensor_dims(cfg, c.PIXELS)
+        if dims:
+            return int(dims[-1])
+    return c.WORKING_SIZE
+
+
+def preprocessing_reason(version_dir: Path, config: ModelConfig | None) -> str | None:
+    """None if the preprocessing the version's model.json declares is the preprocess step's; else the reason."""
+    from ..engines.plan import declared_plan, plan_difference, served_plan  # imports OpenCV: only when checking
+
+    path = version_dir / "model.json"
+    try:
+        meta = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        return f"model.json cannot be read ({exc})"
+    difference = plan_difference(declared_plan(meta), served_plan(served_working_size(version_dir, config)))
+    return f"model.json's preprocessing is not the preprocess step's: {difference}" if difference else None
+
+
 def validate_version(version_dir: Path, config: ModelConfig | None) -> str | None:
     """None if the version folder can be served with `config` (the served config; None: only check that its
-    ONNX files load and carry the right identity); else the reason, one line."""
+    ONNX files load and carry the right identity) and the repository's preprocessing; else the reason, one line."""
     version = int(version_dir.name)
+    reason = preprocessing_reason(version_dir, config)
+    if reason:
+        return reason
     if config is not None:
         missing = [name for name in required_files(config) if not (version_dir / name).is_file()]
         if missing:

@@ -103,6 +103,15 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+# The operating threshold of a model that has none chosen on validation data yet (p = 0.5, the sigmoid's midpoint).
+UNTUNED_THRESHOLD = 0.5
+
+
+def checkpoint_threshold(ckpt: dict) -> float:
+    """The threshold a training run chose (Dice-optimal on its validation photos), else UNTUNED_THRESHOLD."""
+    return float(ckpt.get("threshold", UNTUNED_THRESHOLD))
+
+
 def json_safe(config: dict) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in config.items()}
 

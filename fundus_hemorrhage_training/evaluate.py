@@ -25,7 +25,7 @@ from fundus_hemorrhage.postprocessing import (PostprocessConfig, find_lesions, m
                                               probability_to_original)
 from fundus_hemorrhage.preprocessing import ImageError, PreprocessConfig
 
-from .common import DEFAULT_DATA, load_checkpoint
+from .common import DEFAULT_DATA, UNTUNED_THRESHOLD, checkpoint_threshold, load_checkpoint
 from .data import read_manifest
 from .metrics import SegmentationScores
 from .model import build_model
@@ -39,7 +39,7 @@ def torch_predictor(model: torch.nn.Module, device: torch.device | str = "cpu") 
     def probability(pixels: np.ndarray) -> np.ndarray:
         return torch.sigmoid(model(torch.from_numpy(pixels).to(device))).float().cpu().numpy()
 
-    return with_identity(probability, 0, 0.5)
+    return with_identity(probability, 0, UNTUNED_THRESHOLD)
 
 
 def onnx_predictor(path: Path, threads: int = SERVING_THREADS) -> Model:
@@ -47,7 +47,7 @@ def onnx_predictor(path: Path, threads: int = SERVING_THREADS) -> Model:
     return onnx_model(path, threads)
 
 
-def evaluate(model: Model, manifest: Path, split: str = "val", threshold: float = 0.5,
+def evaluate(model: Model, manifest: Path, split: str = "val", threshold: float = UNTUNED_THRESHOLD,
              preprocess_config: PreprocessConfig = PreprocessConfig(), progress: bool = True) -> dict:
     """Scores at full resolution at `threshold` (not the graph's own); also the Dice-optimal threshold on this
     split (for threshold choice). Raises ImageError for a photo the service would refuse."""
@@ -91,12 +91,13 @@ def main(argv: list[str] | None = None) -> None:
         model = build_model(ckpt["model_config"])
         model.load_state_dict(ckpt["state_dict"])
         predict = torch_predictor(model)
-        threshold = threshold if threshold is not None else ckpt.get("threshold", 0.5)
+        threshold = threshold if threshold is not None else checkpoint_threshold(ckpt)
         working_size = working_size or ckpt.get("config", {}).get("working_size")
     else:
         predict = onnx_predictor(args.onnx)
     config = PreprocessConfig(working_size=working_size or PreprocessConfig().working_size)
-    scores = evaluate(predict, args.manifest, args.split, 0.5 if threshold is None else threshold, config)
+    scores = evaluate(predict, args.manifest, args.split, UNTUNED_THRESHOLD if threshold is None else threshold,
+                      config)
     print(json.dumps(scores, indent=2))
     if args.output:
         args.output.write_text(json.dumps(scores, indent=2) + "\n")

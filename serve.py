@@ -49,7 +49,7 @@ from pathlib import Path
 
 from fundus_hemorrhage.routing import TrafficError, parse_traffic
 from fundus_hemorrhage_ops.serving.launcher import serve
-from fundus_hemorrhage_ops.serving.traffic import write_split
+from fundus_hemorrhage_ops.serving.traffic import check_split
 
 REPO_ROOT = Path(__file__).resolve().parent
 
@@ -77,9 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--unet-version", type=int, default=None,
                    help="serve this version of the U-Net (default: the newest, as unet/config.pbtxt says)")
     p.add_argument("--traffic", metavar="SPLIT",
-                   help='A/B split between unet versions, e.g. "3:90,2:10" (version:weight); written into the '
-                        "repository's unet and unet_router configs before Triton starts, so it lasts; change it "
-                        "while serving with python -m fundus_hemorrhage_ops.serving.traffic (README: A/B testing)")
+                   help='A/B split between unet versions, e.g. "3:90,2:10" (version:weight), served from the start; '
+                        "live state of this run (.triton/runs/<pid>/), never written into the repository: the "
+                        "next start without --traffic serves the committed configs. Change it while serving with "
+                        "python -m fundus_hemorrhage_ops.serving.traffic (README: A/B testing)")
     p.add_argument("--no-http-proxy", action="store_true",
                    help="serve Triton's HTTP endpoint on --http-port directly, without the HAProxy guard (only behind a "
                         "reverse proxy of your own that refuses compressed and oversized bodies; docs/reliability.md)")
@@ -114,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.traffic is not None:
         try:
-            write_split(args.model_repository, args.traffic)
-        except (TrafficError, OSError) as exc:
+            check_split(args.model_repository, args.traffic)
+        except TrafficError as exc:
             sys.exit(f"serve.py: --traffic: {exc}")
     return serve(args, work_dir=REPO_ROOT / ".triton")
 

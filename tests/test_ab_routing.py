@@ -1,9 +1,9 @@
-"""A/B routing logic (fundus_hemorrhage.routing) and the traffic CLI's repository edits, without a server."""
+"""A/B routing logic (fundus_hemorrhage.routing), without a server. The traffic CLI and the live state it edits
+(no repository edits any more): tests/test_live_state.py."""
 
 from __future__ import annotations
 
 import random
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -12,10 +12,8 @@ import pytest
 
 from fundus_hemorrhage import contract as c
 from fundus_hemorrhage.model_config import parameters, read_config, router_config, unet_config
-from fundus_hemorrhage.postprocessing import PostprocessConfig
 from fundus_hemorrhage.routing import (NEWEST, Split, TrafficError, agreement, choose, dice, format_traffic,
                                        key_position, lesion_count, parse_traffic, parse_version, working_mask)
-from fundus_hemorrhage_ops.serving import traffic
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 
@@ -111,37 +109,3 @@ def test_router_config_has_the_unet_interface():
     committed = read_config(REPOSITORY / c.ROUTER)
     assert parameters(committed)["traffic"] == ""  # the repository ships without a split: newest version
 
-
-@pytest.fixture
-def repository(tmp_path) -> Path:
-    repo = tmp_path / "model_repository"
-    for model in (c.SEGMENTATION_MODEL, c.ROUTER):
-        (repo / model).mkdir(parents=True)
-        shutil.copy(REPOSITORY / model / "config.pbtxt", repo / model)
-    for version in (2, 3):
-        (repo / c.SEGMENTATION_MODEL / str(version)).mkdir()
-    return repo
-
-
-def test_traffic_cli_writes_the_unet_versions_and_the_split(repository):
-    assert traffic.main(["--model-repository", str(repository), "--set", "3:70,2:30", "--shadow", "3",
-                         "--shadow-rate", "0.25"]) == 0
-    unet = read_config(repository / c.SEGMENTATION_MODEL)
-    assert list(unet.version_policy.specific.versions) == [2, 3]
-    router = parameters(read_config(repository / c.ROUTER))
-    # the lesion-size rule is postprocess's, whatever its spelling in the config ("2" or "2.0")
-    assert float(router.pop("min_lesion_working_px")) == PostprocessConfig.min_lesion_working_px
-    assert router == {"traffic": "3:70,2:30", "shadow_version": "3", "shadow_rate": "0.25"}
-    header = (repository / c.ROUTER / "config.pbtxt").read_text().splitlines()[0]
-    assert header.startswith("# Picks the unet version")  # the comment header is kept
-    assert traffic.main(["--model-repository", str(repository), "--set", ""]) == 0
-    assert read_config(repository / c.SEGMENTATION_MODEL).version_policy.latest.num_versions == 1
-    assert parameters(read_config(repository / c.ROUTER))["traffic"] == ""
-    assert (repository / c.ROUTER / "config.pbtxt").read_text() == (REPOSITORY / c.ROUTER / "config.pbtxt").read_text()
-
-
-def test_traffic_cli_refuses_a_version_without_a_folder(repository, capsys):
-    before = (repository / c.ROUTER / "config.pbtxt").read_text()
-    assert traffic.main(["--model-repository", str(repository), "--set", "4:50,2:50"]) == 1
-    assert "unet/4" in capsys.readouterr().err
-    assert (repository / c.ROUTER / "config.pbtxt").read_text() == before

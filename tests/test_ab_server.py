@@ -52,12 +52,15 @@ def ab(tmp_path_factory):
     write_with_identity(unet / "2" / "model.onnx", unet / "3" / "model.onnx", 3, V3_THRESHOLD)
     thresholds = {str(v): read_identity(unet / str(v) / "model.onnx")[1] for v in (2, 3)}
     assert thresholds["2"] != thresholds["3"]
+    configs = {m: (repo / m / "config.pbtxt").read_bytes() for m in (c.SEGMENTATION_MODEL, c.ROUTER)}
     server = start_server(tmp, repo, extra_args=("--traffic", "3:70,2:30", "--poll-interval", "1"))
-    assert traffic.show(repo, None)["repository"]["traffic"] == "3:70,2:30"  # written into the copy
+    assert traffic.show(url=server.http_url)["served"]["traffic"] == "3:70,2:30"  # the live state, served
+    assert {m: (repo / m / "config.pbtxt").read_bytes() for m in configs} == configs  # the repository untouched
     photo = cv2.imread(str(REPO_ROOT / "samples" / "IDRiD_14.jpg"))
     photo = cv2.imencode(".jpg", cv2.resize(photo, (1072, 712), interpolation=cv2.INTER_AREA))[1].tobytes()
     yield server, repo, thresholds, photo
     stop_server(server)
+    assert {m: (repo / m / "config.pbtxt").read_bytes() for m in configs} == configs  # live changes left no trace
     for client in _clients:
         client.close()
     _clients.clear()
@@ -161,7 +164,7 @@ def test_live_split_change_and_shadow_without_dropping_requests(ab):
         w.start()
     try:
         start = time.monotonic()
-        traffic.apply(repo, parse_traffic("3:0,2:100"), 3, 1.0, server.http_url, timeout=120)
+        traffic.apply(parse_traffic("3:0,2:100"), 3, 1.0, url=server.http_url, timeout=120)
         applied_s = time.monotonic() - start
     finally:
         stop.set()

@@ -3,6 +3,9 @@
 Finds `tritonserver` (on PATH, as in the NGC image, or inside the nvidia-pytriton wheel, whose Python backend
 then gets the stub built for the running interpreter), builds its command line and environment, waits until it
 is ready, optionally pins the unet version, then runs the supervisor and the drain.
+
+tritonserver serves the run's live repository (live.py: --model-repository as committed, through links, plus the
+live A/B split), never --model-repository itself, which serve.py does not write.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from .admin import ADMIN_HEADER, Admin
 from .drain import Drain, drain
 from .proxy import BODY_HEADROOM, GrpcGuard, Proxy, find_haproxy, free_loopback_port
 from .process import TritonProcess, become_subreaper, describe_exit, reap_orphans
+from .live import SERVED_REPOSITORY, STATE_FILE, LiveRepository, LiveState, state_for_split
+from .runs import create_run, stale_run_dirs
 from .supervisor import Supervisor
 from .updates import repository_state
 from .watchdog import python_stubs, remove_shm
@@ -106,17 +111,17 @@ def triton_options(binary: Path, env: dict) -> set[str]:
 
 def triton_command(args: argparse.Namespace, binary: Path, backends: Path | None, admin_key: str,
                    options: set[str] = frozenset(), http: tuple[str, int] | None = None,
-                   grpc: tuple[str, int] | None = None) -> list[str]:
+                   grpc: tuple[str, int] | None = None, repository: Path | None = None) -> list[str]:
     """tritonserver's command line for serve.py's arguments: explicit model control with every model loaded,
     the admin APIs behind `admin_key`, gRPC TLS when asked. `http`, `grpc`: (address, port) of Triton's HTTP or
     gRPC endpoint when it is not the public one (behind the port guard, proxy.py, which then also terminates the
-    gRPC TLS)."""
+    gRPC TLS). `repository`: the repository Triton serves (the run's live one; default --model-repository)."""
     restriction = f"{RESTRICTED}:{ADMIN_HEADER}={admin_key}"
     http_host, http_port = http or (args.host, args.http_port)
     grpc_host, grpc_port = grpc or (args.host, args.grpc_port)
     cmd = [
         str(binary),
-        f"--model-repository={args.model_repository}",
+        f"--model-repository={repository or args.model_repository}",
         f"--http-address={http_host}", f"--http-port={http_port}",
         f"--grpc-address={grpc_host}", f"--grpc-port={grpc_port}",
         f"--metrics-address={args.host}", f"--metrics-port={args.metrics_port}",
@@ -196,9 +201,16 @@ def serve(args: argparse.Namespace, work_dir: Path) -> int:
     admin_key = os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(32)
     env = server_env(extra_libs, args.max_request_bytes)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    for stale in stale_run_dirs(work_dir):  # runs whose serve.py is gone (killed): their folders
+        shutil.rmtree(stale, ignore_errors=True)
+    this_run = create_run(work_dir, model_repository=str(args.model_repository),
+                          http_url=f"http://{host}:{args.http_port}")
+    live = LiveRepository(args.model_repository, this_run.dir / SERVED_REPOSITORY, this_run.dir / STATE_FILE)
+    live.set_state(initial_state(args))
+    live.sync()
     proxy, triton_http, triton_grpc = port_guard(args, work_dir)
     triton = TritonProcess(triton_command(args, binary, backends, admin_key, triton_options(binary, env),
-                                          triton_http, triton_grpc), env)
+                                          triton_http, triton_grpc, repository=live.root), env)
     url = f"http://127.0.0.1:{triton_http[1]}" if triton_http else f"http://{host}:{args.http_port}"
     admin = Admin(url, admin_key)
     admin_lock = threading.Lock()  # the supervisor's loads, a recycle and the drain never overlap
@@ -206,11 +218,11 @@ def serve(args: argparse.Namespace, work_dir: Path) -> int:
     try:
         if proxy is not None:
             proxy.start()
-        loaded = repository_state(args.model_repository)
+        loaded = repository_state(live.root)
         triton.start()
         stop = Drain(admin, triton, c.ENSEMBLE, args.exit_timeout, admin_lock).install()
         return run(args, triton, admin, admin_lock, stop, host, proxy, loaded,
-                   triton_grpc or (host, args.grpc_port))
+                   triton_grpc or (host, args.grpc_port), live)
     except RuntimeError as exc:  # the proxy could not start
         print(f"serve.py: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -220,6 +232,18 @@ def serve(args: argparse.Namespace, work_dir: Path) -> int:
             triton.wait()
         if proxy is not None:
             proxy.stop()
+        this_run.remove()
+
+
+def initial_state(args: argparse.Namespace) -> LiveState:
+    """The live state a start serves: --traffic's split, else the committed configs."""
+    split = getattr(args, "traffic", None)
+    return state_for_split(split) if split is not None else LiveState()
+
+
+def ready_unet_versions(admin: Admin) -> set[int]:
+    """The unet versions Triton serves now (READY). Raises OSError when Triton does not answer."""
+    return {int(v) for v in admin.ready_versions().get(c.SEGMENTATION_MODEL, ()) if v.isdigit()}
 
 
 def port_guard(args: argparse.Namespace, work_dir: Path) -> tuple[Proxy | None, tuple[str, int] | None,
@@ -250,10 +274,11 @@ def port_guard(args: argparse.Namespace, work_dir: Path) -> tuple[Proxy | None, 
 
 
 def run(args: argparse.Namespace, triton: TritonProcess, admin: Admin, admin_lock: threading.Lock, stop: Drain,
-        host: str, proxy: Proxy | None, loaded: dict, triton_grpc: tuple[str, int]) -> int:
+        host: str, proxy: Proxy | None, loaded: dict, triton_grpc: tuple[str, int], live: LiveRepository) -> int:
     """Look after tritonserver generation by generation: wait until ready, supervise, and start it again (with
     backoff) when it dies, or recycle it when the watchdog says it holds a dead generation. `triton_grpc`: where
-    Triton's own gRPC endpoint listens. Returns the exit code: 0 after a drain, 1 if the first start fails."""
+    Triton's own gRPC endpoint listens; `live`: the repository Triton serves. Returns the exit code: 0 after a
+    drain, 1 if the first start fails."""
     crashes = 0
     while True:
         started = time.monotonic()
@@ -284,9 +309,10 @@ def run(args: argparse.Namespace, triton: TritonProcess, admin: Admin, admin_loc
                 log.info("tritonserver generation %d (pid %s) is ready, %.1f s after its start", triton.generation,
                          triton.pid, time.monotonic() - started)
             if (args.watchdog_interval > 0 or args.poll_interval > 0) and not stop.stopping():
-                supervisor = Supervisor(admin, args.model_repository, triton.pid, args.watchdog_interval,
+                supervisor = Supervisor(admin, live.root, triton.pid, args.watchdog_interval,
                                         args.poll_interval, generation_over, admin_lock,
-                                        on_leak=lambda reason: recycle.set(), loaded=loaded)
+                                        on_leak=lambda reason: recycle.set(), loaded=loaded,
+                                        sync=lambda: live.sync(lambda: ready_unet_versions(admin)))
                 supervisor.start()
         stubs = {s.shm_region for s in python_stubs(triton.pid)}
         while triton.poll() is None and ready and not recycle.is_set():
@@ -321,7 +347,7 @@ def run(args: argparse.Namespace, triton: TritonProcess, admin: Admin, admin_loc
             return 0
         cleanup_generation(stubs)
         log.info("starting tritonserver again%s", f" (after {delay} s; crash {crashes} in a row)" if crashes else "")
-        loaded = repository_state(args.model_repository)
+        loaded = repository_state(live.root)
         triton.start()
 
 

@@ -23,12 +23,14 @@ class Supervisor(threading.Thread):
 
     def __init__(self, admin: Admin, repository: Path, triton_pid: int, watchdog_interval: float,
                  poll_interval: float, stopping: threading.Event, lock: threading.Lock,
-                 on_leak: Callable[[str], None] = lambda reason: None, loaded: dict | None = None):
+                 on_leak: Callable[[str], None] = lambda reason: None, loaded: dict | None = None,
+                 sync: Callable[[], None] | None = None):
         super().__init__(name="supervisor", daemon=True)
         self.admin, self.repository, self.triton_pid = admin, repository, triton_pid
         self.watchdog_interval, self.poll_interval = watchdog_interval, poll_interval
         self.stopping, self.lock, self.on_leak = stopping, lock, on_leak
         self.loaded = loaded  # the repository's state when tritonserver started (updates.repository_state)
+        self.sync = sync  # brings the served repository up to date before each poll (live.LiveRepository.sync)
         self.watchdog: StubWatchdog | None = None
 
     def shm_regions(self) -> set[str]:
@@ -38,8 +40,14 @@ class Supervisor(threading.Thread):
     def run(self) -> None:
         watchdog = self.watchdog = StubWatchdog(self.admin, self.repository, self.triton_pid, self.on_leak)
         updates = UpdatePoller(self.admin, self.repository, on_load=watchdog.forget_configs, loaded=self.loaded)
+
+        def poll() -> None:
+            if self.sync is not None:
+                self.sync()
+            updates.poll()
+
         tasks = [(interval, task) for interval, task in ((self.watchdog_interval, watchdog.check),
-                                                         (self.poll_interval, updates.poll)) if interval > 0]
+                                                         (self.poll_interval, poll)) if interval > 0]
         due = [time.monotonic() + interval for interval, _ in tasks]
         while not self.stopping.wait(0.25):
             for i, (interval, task) in enumerate(tasks):

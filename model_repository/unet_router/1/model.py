@@ -7,9 +7,14 @@ Per request, all its photos go to one version (fundus_hemorrhage.routing): the r
 pins it (a version unet does not serve is refused, INVALID_ARG, naming it and the served versions); else
 `routing_key` (sticky); else a random draw by the config parameter `traffic` ("3:90,2:10"); with no traffic, the
 newest loaded version. The split is read once, in initialize: a new split is applied by loading this model again
-with the new config (python -m fundus_hemorrhage_ops.serving.traffic), which Triton does without dropping requests;
-a split naming a version unet does not serve fails the load (checked once the server is ready), and the router
-loaded before keeps serving.
+with the new config (python -m fundus_hemorrhage_ops.serving.traffic), which Triton does without dropping requests.
+
+initialize calls nothing in Triton (no pb_utils.is_model_ready, no BLS): while tritonserver 2.51 is starting,
+is_model_ready fails ("Server not ready") and the Python backend's handling of that failure made tritonserver abort
+with boost::interprocess::lock_exception in 3 of 5 A/B starts (docs/reliability.md, "A/B start"). That the split's
+versions are served is checked by the one who sets the split: serve.py generates unet's version policy and the
+router's split from one live state, and applies a changed split only once unet serves every version it names
+(fundus_hemorrhage_ops.serving.live). A request routed to a version that is not served gets unet's error, naming it.
 
 Shadow mode (config parameters `shadow_version`, `shadow_rate` in [0, 1]): a sampled share of requests also runs
 on the shadow version in a background thread, after the served result is returned; its result is only compared
@@ -37,7 +42,8 @@ ROUTING_KEY, UNET_VERSION = c.ROUTING_KEY_PARAMETER, c.UNET_VERSION_PARAMETER
 
 
 def unet_ready(version: int) -> bool:
-    """Whether Triton serves unet `version` (False while the server is still starting: it raises then)."""
+    """Whether Triton serves unet `version`. Called from execute only, when Triton is ready and is_model_ready
+    answers without failing (its failure path is what aborted tritonserver at start: module docstring)."""
     try:
         return pb_utils.is_model_ready(c.SEGMENTATION_MODEL, str(version))
     except pb_utils.TritonModelException:
@@ -58,19 +64,7 @@ class TritonPythonModel:
         if not 0.0 <= self.shadow_rate <= 1.0:
             raise pb_utils.TritonModelException(f"shadow_rate {self.shadow_rate} is not in [0, 1]")
         self.min_lesion_working_px = float(params["min_lesion_working_px"])
-        needed = set(self.split.versions) | ({self.shadow_version} if self.shadow_version else set())
-        try:
-            missing = sorted(v for v in needed if not pb_utils.is_model_ready(c.SEGMENTATION_MODEL, str(v)))
-        except pb_utils.TritonModelException:
-            # Server start: Triton answers "Server not ready" (and polling it then has crashed tritonserver 2.51).
-            # The repository's unet config names these versions (fundus_hemorrhage_ops.serving.traffic writes both).
-            missing = []
-            pb_utils.Logger.log_info(f"unet_router: server starting, traffic {self.split} not checked against "
-                                     "the served unet versions")
-        if missing:
-            raise pb_utils.TritonModelException(
-                f"traffic {self.split} / shadow {self.shadow_version}: {c.SEGMENTATION_MODEL} does not serve "
-                f"version(s) {', '.join(map(str, missing))}; served: {self.served_versions() or 'none'}")
+        # No is_model_ready here (module docstring): serve.py checks that unet serves the split's versions.
         self.rng = random.Random()
         self.metrics = RouterMetrics()
         self.shadow_pool = ThreadPoolExecutor(1) if self.shadow_version and self.shadow_rate > 0 else None

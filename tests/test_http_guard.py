@@ -389,7 +389,7 @@ def test_grpc_guard_terminates_mutual_tls(tmp_path):
                                                 "--poll-interval", "0", "--watchdog-interval", "0"))
     try:
         assert "gRPC guard: haproxy" in server.log() and "(TLS with client certificates (mutual TLS))" in server.log()
-        assert not list((REPO_ROOT / ".triton").glob("haproxy-*-tls.pem"))  # the key copy is gone once HAProxy runs
+        assert not list((REPO_ROOT / ".triton").rglob("haproxy-*-tls.pem"))  # the key copy is gone once HAProxy runs
         url = f"localhost:{server.grpc_port}"
         client = grpcclient.InferenceServerClient(url, ssl=True, root_certificates=str(ca),
                                                   private_key=str(tmp_path / "client.key"),

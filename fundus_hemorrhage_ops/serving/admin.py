@@ -13,16 +13,19 @@ import urllib.error
 import urllib.request
 
 ADMIN_HEADER = "admin-key"
+MARKER = ".serve_py_run"  # added to every load with files: Triton's /tmp/folder* copy then names its serve.py run
 LOAD_TIMEOUT = 300.0  # seconds: a model load (ONNX Runtime session, Python stubs) may take minutes on a busy CPU
 
 log = logging.getLogger(__name__)
 
 
 class Admin:
-    """Triton's HTTP API at `url` (http://host:port), with the admin key for the restricted endpoints."""
+    """Triton's HTTP API at `url` (http://host:port), with the admin key for the restricted endpoints. `marker`
+    (serve.py's run id): written as the file <version>/.serve_py_run into every load that sends files, so that
+    the folder Triton copies them to under /tmp is known to be this run's (leftovers.py)."""
 
-    def __init__(self, url: str, key: str):
-        self.url, self.key = url, key
+    def __init__(self, url: str, key: str, marker: str | None = None):
+        self.url, self.key, self.marker = url, key, marker
 
     def call(self, path: str, body: bytes | None = None, timeout: float = 30.0) -> tuple[int, bytes]:
         """(HTTP status, body). Raises OSError when Triton does not answer at all."""
@@ -52,6 +55,9 @@ class Admin:
         """Load or reload `model`: from the repository, or with `config` (JSON) and `files` ({'<version>/<name>':
         bytes}) instead of the repository's. (HTTP status, Triton's error message or '')."""
         parameters = {"config": json.dumps(config)} if config else {}
+        if files and self.marker:
+            version = next(iter(files)).split("/", 1)[0]
+            files = {**files, f"{version}/{MARKER}": self.marker.encode()}
         parameters.update({f"file:{path}": base64.b64encode(data).decode() for path, data in (files or {}).items()})
         body = {"parameters": parameters} if parameters else {}
         status, data = self.call(f"/v2/repository/models/{model}/load", json.dumps(body).encode(), LOAD_TIMEOUT)

@@ -37,8 +37,9 @@ from .admin import ADMIN_HEADER, Admin
 from .drain import Drain, drain
 from .proxy import BODY_HEADROOM, GrpcGuard, Proxy, find_haproxy, free_loopback_port
 from .process import TritonProcess, become_subreaper, describe_exit, reap_orphans
+from .leftovers import claim_python_envs, python_env_dirs, remove_dirs, remove_folders_of, sweep_stale_runs
 from .live import SERVED_REPOSITORY, STATE_FILE, LiveRepository, LiveState, state_for_split
-from .runs import create_run, stale_run_dirs
+from .runs import Run, create_run, run_id, stale_run_dirs
 from .supervisor import Supervisor
 from .updates import repository_state
 from .watchdog import python_stubs, remove_shm
@@ -157,10 +158,14 @@ def server_env(extra_libs: list[str], max_request_bytes: int | None = None) -> d
     return env
 
 
-def wait_ready(url: str, grpc_address: tuple[str, int], process: TritonProcess, timeout: float) -> bool:
-    """HTTP says ready and the gRPC port accepts connections (Triton exits if it cannot bind it, after HTTP)."""
+def wait_ready(url: str, grpc_address: tuple[str, int], process: TritonProcess, timeout: float,
+               regions: set[str] | None = None) -> bool:
+    """HTTP says ready and the gRPC port accepts connections (Triton exits if it cannot bind it, after HTTP).
+    `regions`: collects the shared-memory regions of the stubs seen meanwhile (to remove if the start fails)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if regions is not None:
+            regions.update(s.shm_region for s in python_stubs(process.pid))
         if process.poll() is not None:
             return False
         try:
@@ -201,28 +206,32 @@ def serve(args: argparse.Namespace, work_dir: Path) -> int:
     admin_key = os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(32)
     env = server_env(extra_libs, args.max_request_bytes)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    for stale in stale_run_dirs(work_dir):  # runs whose serve.py is gone (killed): their folders
-        shutil.rmtree(stale, ignore_errors=True)
+    swept = sweep_stale_runs(stale_run_dirs(work_dir))  # what killed runs and crashed tritonservers left
+    log.info("left by runs that are gone: %d Python-backend shared-memory region(s) removed (%.1f MB), %d "
+             "repository-API folder(s) and %d python_env folder(s) under /tmp, %d run folder(s)",
+             swept["shm_regions"], swept["shm_bytes"] / 1e6, swept["folders"], swept["python_env"], swept["runs"])
     this_run = create_run(work_dir, model_repository=str(args.model_repository),
                           http_url=f"http://{host}:{args.http_port}")
     live = LiveRepository(args.model_repository, this_run.dir / SERVED_REPOSITORY, this_run.dir / STATE_FILE)
     live.set_state(initial_state(args))
     live.sync()
-    proxy, triton_http, triton_grpc = port_guard(args, work_dir)
+    proxy, triton_http, triton_grpc = port_guard(args, this_run.dir)
     triton = TritonProcess(triton_command(args, binary, backends, admin_key, triton_options(binary, env),
                                           triton_http, triton_grpc, repository=live.root), env)
     url = f"http://127.0.0.1:{triton_http[1]}" if triton_http else f"http://{host}:{args.http_port}"
-    admin = Admin(url, admin_key)
+    admin = Admin(url, admin_key, marker=run_id())
     admin_lock = threading.Lock()  # the supervisor's loads, a recycle and the drain never overlap
+    leftovers = GenerationLeftovers(this_run)
     become_subreaper()
     try:
         if proxy is not None:
             proxy.start()
         loaded = repository_state(live.root)
+        leftovers.starting()
         triton.start()
         stop = Drain(admin, triton, c.ENSEMBLE, args.exit_timeout, admin_lock).install()
         return run(args, triton, admin, admin_lock, stop, host, proxy, loaded,
-                   triton_grpc or (host, args.grpc_port), live)
+                   triton_grpc or (host, args.grpc_port), live, leftovers)
     except RuntimeError as exc:  # the proxy could not start
         print(f"serve.py: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -232,7 +241,38 @@ def serve(args: argparse.Namespace, work_dir: Path) -> int:
             triton.wait()
         if proxy is not None:
             proxy.stop()
+        leftovers.generation_over()
         this_run.remove()
+
+
+class GenerationLeftovers:
+    """The /tmp folders of this run's tritonserver generations (leftovers.py): the python_env folder each
+    generation's Python backend makes (claimed when it is ready, removed when it has ended) and the folders of
+    repository-API loads, which carry this run's marker (removed when a generation has ended)."""
+
+    def __init__(self, run: Run):
+        self.run, self.before, self.current = run, set(), []
+
+    def starting(self) -> None:
+        self.before = python_env_dirs()
+
+    def started(self, triton_pid: int) -> None:
+        claimed, unclaimed = claim_python_envs(self.before, triton_pid)
+        self.current += claimed
+        self.run.claim("python_env", [str(p) for p in claimed])
+        if unclaimed:
+            log.info("%d new python_env folder(s) under /tmp left alone: another tritonserver started at the same "
+                     "time, so they may be its (%s)", len(unclaimed), ", ".join(map(str, unclaimed)))
+
+    def generation_over(self) -> None:
+        """After a tritonserver generation has ended (it is dead)."""
+        envs = remove_dirs(self.current)
+        folders = remove_folders_of({run_id()})
+        if envs or folders:
+            log.info("removed %d python_env and %d repository-API folder(s) of the ended tritonserver under /tmp",
+                     envs, folders)
+        self.current = []
+        self.run.update(python_env=[])
 
 
 def initial_state(args: argparse.Namespace) -> LiveState:
@@ -274,15 +314,18 @@ def port_guard(args: argparse.Namespace, work_dir: Path) -> tuple[Proxy | None, 
 
 
 def run(args: argparse.Namespace, triton: TritonProcess, admin: Admin, admin_lock: threading.Lock, stop: Drain,
-        host: str, proxy: Proxy | None, loaded: dict, triton_grpc: tuple[str, int], live: LiveRepository) -> int:
+        host: str, proxy: Proxy | None, loaded: dict, triton_grpc: tuple[str, int], live: LiveRepository,
+        leftovers: GenerationLeftovers) -> int:
     """Look after tritonserver generation by generation: wait until ready, supervise, and start it again (with
     backoff) when it dies, or recycle it when the watchdog says it holds a dead generation. `triton_grpc`: where
-    Triton's own gRPC endpoint listens; `live`: the repository Triton serves. Returns the exit code: 0 after a
-    drain, 1 if the first start fails."""
+    Triton's own gRPC endpoint listens; `live`: the repository Triton serves; `leftovers`: its /tmp folders.
+    Returns the exit code: 0 after a drain, 1 if the first start fails."""
     crashes = 0
     while True:
         started = time.monotonic()
-        ready = wait_ready(admin.url, triton_grpc, triton, args.ready_timeout)
+        stubs: set[str] = set()
+        ready = wait_ready(admin.url, triton_grpc, triton, args.ready_timeout, stubs)
+        leftovers.started(triton.pid)
         if ready and args.unet_version is not None:
             failure = pin_version(admin, c.SEGMENTATION_MODEL, args.unet_version)
             if failure:
@@ -293,6 +336,8 @@ def run(args: argparse.Namespace, triton: TritonProcess, admin: Admin, admin_loc
             print("serve.py: Triton did not become ready; see its log above", file=sys.stderr, flush=True)
             triton.send_signal(signal.SIGTERM)
             triton.wait()
+            cleanup_generation(stubs)
+            leftovers.generation_over()
             return 1
         recycle, generation_over = threading.Event(), threading.Event()
         stop.on_request.append(generation_over.set)
@@ -314,7 +359,7 @@ def run(args: argparse.Namespace, triton: TritonProcess, admin: Admin, admin_loc
                                         on_leak=lambda reason: recycle.set(), loaded=loaded,
                                         sync=lambda: live.sync(lambda: ready_unet_versions(admin)))
                 supervisor.start()
-        stubs = {s.shm_region for s in python_stubs(triton.pid)}
+        stubs |= {s.shm_region for s in python_stubs(triton.pid)}
         while triton.poll() is None and ready and not recycle.is_set():
             time.sleep(0.2)
             if proxy is not None and not proxy.alive() and not stop.stopping():
@@ -346,8 +391,10 @@ def run(args: argparse.Namespace, triton: TritonProcess, admin: Admin, admin_loc
         if stop.requested.wait(delay):
             return 0
         cleanup_generation(stubs)
+        leftovers.generation_over()
         log.info("starting tritonserver again%s", f" (after {delay} s; crash {crashes} in a row)" if crashes else "")
         loaded = repository_state(live.root)
+        leftovers.starting()
         triton.start()
 
 
@@ -355,9 +402,11 @@ def cleanup_generation(regions: set[str], settle: float = 5.0) -> None:
     """After a tritonserver generation ended: reap its stubs (re-parented to serve.py, they exit when they see
     their parent gone) and remove their shared-memory regions, which Triton leaves after a kill."""
     deadline = time.monotonic() + settle
+    regions = set(regions)
     while True:
         reaped = reap_orphans()
         orphans = [s for s in python_stubs(os.getpid())]
+        regions |= {s.shm_region for s in orphans}  # a stub of that generation, alive: its region is that one's
         if not orphans or time.monotonic() > deadline:
             break
         time.sleep(0.2)

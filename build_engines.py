@@ -14,10 +14,13 @@ checkpoints/). Steps, each of which stops the build (exit 2, one line on stderr)
             --calibration-images *training* photos, both graphs evaluated on `val` along the serving path; INT8
             ships only if the val pixel AUPR drops by at most --int8-max-aupr-drop (0.01), else FP32 ships and
             the figures are recorded. model.json records the calibration set (ids, SHA-256 of the files, the
-            preprocessing they went through: int8.calibration).
-            Rebuilding the newest version's checkpoint keeps its precision, calibrates on that version's
-            recorded set (found by id in --manifest, checked by hash; stops naming any photo missing or changed;
-            --recalibrate draws anew) and must serve the same masks (fp32: identical; int8: Dice >= 0.99 and
+            preprocessing they went through: int8.calibration), and calibration.json beside it the result,
+            each quantised activation's scale and zero point (the calibration cache, as TensorRT's).
+            Rebuilding the newest version's checkpoint keeps its precision, quantizes with exactly that
+            version's calibration cache (its recorded photos need not exist; the log names those missing or
+            changed; a version without a cache calibrates again on its recorded set, found by id in --manifest
+            and checked by hash, and stops naming any photo missing or changed; --recalibrate draws anew and
+            ignores both) and must serve the same masks (fp32: identical; int8: Dice >= 0.99 and
             probabilities within 1/255 on >= 99.5 % of each photo's pixels, since int8 rounding differs between
             CPUs: fundus_hemorrhage_ops/engines/parity.py).
   tensorrt  needs an NVIDIA GPU, CUDA and TensorRT. FP16 plan built with Polygraphy (optimisation profile
@@ -63,9 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST,
                    help="int8: calibration (train) and gate (val) photos (default: ../shared/data/idrid_he/)")
     p.add_argument("--calibration-images", type=int, default=16,
-                   help="int8: training photos to calibrate on (a rebuild uses the version's recorded set instead)")
+                   help="int8: training photos to calibrate on (a rebuild uses the version's calibration cache)")
     p.add_argument("--recalibrate", action="store_true",
-                   help="int8 rebuild: draw a new calibration set from --manifest instead of the recorded one")
+                   help="int8 rebuild: draw a new calibration set from --manifest, ignoring the version's "
+                        "calibration cache and recorded photos")
     p.add_argument("--int8-max-aupr-drop", type=float,
                    help="int8 ships if the val pixel AUPR drops by at most this (default: engines.int8's, 0.01)")
     p.add_argument("--allow-mask-change", action="store_true",

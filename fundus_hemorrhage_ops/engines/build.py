@@ -158,11 +158,14 @@ def _build_into(args, folder: VersionFolder, tmp: Path, trt_version: str | None)
     shipped_precision, int8 = "fp32", None
     if precision == "int8":
         from .int8 import INT8_MAX_AUPR_DROP, calibrate, cpu_int8_isa, int8_gate
-        _say("INT8 calibration on training photos, then val evaluation of FP32 and INT8")
+        from .calibration import CACHE_FILE, cache_record, write_cache
+        _say("INT8 quantization, then val evaluation of FP32 and INT8")
         build_info["cpu_int8_isa"] = cpu_int8_isa()
         int8_plain, int8_onnx = tmp / "model_int8_plain.onnx", tmp / "model_int8.onnx"
-        calibration_photos, calibration = _calibration_set(args, newest, preprocessing)
-        int8 = calibrate(src["plain"], int8_plain, calibration_photos, working_size, calibration)
+        calibration_photos, calibration, cache, source = _calibration_source(args, model_dir, newest, preprocessing)
+        int8, scales = calibrate(src["plain"], int8_plain, calibration_photos, working_size,
+                                 {k: v for k, v in calibration.items() if k != "cache"}, cache)
+        int8["calibration_source"] = source
         write_with_identity(int8_plain, int8_onnx, folder.version, threshold)
         max_drop = INT8_MAX_AUPR_DROP if args.int8_max_aupr_drop is None else args.int8_max_aupr_drop
         int8.update(int8_gate(fp32, int8_onnx, args.manifest, working_size, threshold, max_drop))
@@ -171,6 +174,12 @@ def _build_into(args, folder: VersionFolder, tmp: Path, trt_version: str | None)
             shipped_precision = "int8"
             shutil.copy2(int8_onnx, folder.path / "model.onnx")
             shutil.copy2(fp32, folder.path / "model_fp32.onnx")  # the source of GPU plans (--onnx latest)
+            # the calibration's result, which a rebuild quantises with (engines.calibration)
+            obtained = (calibration["cache"]["obtained"] if cache is not None else
+                        f"calibrated on the photos above by build_engines.py ({build_info['created']}), read back "
+                        "from the quantised graph (fundus_hemorrhage_ops.engines.calibration.cache_from_qdq_graph)")
+            cache_path = write_cache(folder.path / CACHE_FILE, scales)
+            int8["calibration"] = {**int8["calibration"], "cache": cache_record(cache_path, scales, obtained)}
     if shipped_precision == "fp32":
         shutil.copy2(fp32, folder.path / "model.onnx")
     build_info["onnx_sha256"] = sha256(folder.path / "model.onnx")
@@ -186,17 +195,34 @@ def _build_into(args, folder: VersionFolder, tmp: Path, trt_version: str | None)
     return meta, None if keep_config else "cpu", working_size, max_batch
 
 
-def _calibration_set(args, newest: tuple[int, dict] | None, plan: dict) -> tuple[list[tuple[str, Path]], dict]:
-    """The int8 calibration photos ((id, path)) and their record (engines.calibration). A rebuild of the newest
-    version's checkpoint uses that version's recorded set, found by id in --manifest and checked by SHA-256
-    (BuildError naming what is missing or changed), unless --recalibrate; any other build draws a new set."""
+def _calibration_source(args, model_dir: Path, newest: tuple[int, dict] | None, plan: dict):
+    """(calibration photos ((id, path)) or None, their record (engines.calibration), the calibration cache to
+    quantise with or None, what model.json's int8.calibration_source says).
+
+    A rebuild of the newest version's checkpoint quantises with that version's calibration cache, whether or not
+    its recorded photos are still there (the log says which are not); a version recorded without a cache is
+    calibrated again on exactly its recorded set (BuildError naming what is missing or changed). --recalibrate,
+    and any other build, draw a new set from --manifest."""
     from . import calibration as cal
-    recorded = ((newest[1].get("int8") or {}).get("calibration") if newest else None)
+    version, recorded = (newest[0], (newest[1].get("int8") or {}).get("calibration")) if newest else (None, None)
     if recorded and not args.recalibrate:
-        _say(f"calibrating on version {newest[0]}'s recorded set ({len(recorded.get('photos') or [])} photos)")
-        return cal.resolve(recorded, args.manifest, newest[0]), recorded
+        cache = cal.recorded_cache(model_dir / str(version), recorded, version)
+        entries = recorded.get("photos") or []
+        if cache is not None:
+            found, problems = cal.check(recorded, args.manifest)
+            photos = (f"its {len(entries)} recorded photos are all there, unchanged" if not problems else
+                      f"of its {len(entries)} recorded photos {len(found)} are there, unchanged; "
+                      f"{'; '.join(problems)} (not needed)")
+            _say(f"quantizing with version {version}'s calibration cache ({len(cache)} activation scales, "
+                 f"{recorded['cache']['file']}), not by calibrating: {photos}")
+            return None, recorded, cache, f"calibration cache of version {version} ({recorded['cache']['file']})"
+        _say(f"calibrating on version {version}'s recorded set ({len(entries)} photos; it has no calibration cache)")
+        return (cal.resolve(recorded, args.manifest, version), recorded, None,
+                f"version {version}'s recorded photos, calibrated again (MinMax)")
     photos = cal.draw(args.manifest, args.calibration_images)
-    return photos, cal.record(photos, plan, args.manifest)
+    ignored = f" (version {version}'s calibration ignored: --recalibrate)" if recorded else ""
+    _say(f"calibrating on {len(photos)} training photos drawn from {args.manifest}{ignored}")
+    return photos, cal.record(photos, plan, args.manifest), None, f"{len(photos)} photos calibrated (MinMax)"
 
 
 def _rebuild_parity(model_dir: Path, newest: tuple[int, dict], rebuilt: Path, photos: list[Path], working_size: int,

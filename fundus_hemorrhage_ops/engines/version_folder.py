@@ -2,9 +2,10 @@
 new version folder.
 
 A version folder is assembled as unet/.building-N and renamed to unet/N only once complete (model.onnx or
-model.plan, model.py, model.json), so Triton and the update watcher never see half a version; config.pbtxt is
-written (protobuf, fundus_hemorrhage.model_config) only after the rename. Every ONNX written into the folder
-carries the THRESHOLD and MODEL_VERSION of version N (identity.add_identity).
+model.plan, model.py, model.json; an int8 one also model_fp32.onnx and calibration.json), so Triton and the
+update watcher never see half a version; config.pbtxt is written (protobuf, fundus_hemorrhage.model_config) only
+after the rename. Every ONNX written into the folder carries the THRESHOLD and MODEL_VERSION of version N
+(identity.add_identity).
 """
 
 from __future__ import annotations

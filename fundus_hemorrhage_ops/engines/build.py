@@ -85,13 +85,15 @@ def _source(args, model_dir: Path, tmp: Path):
             raise BuildError(f"{src} has no model.json threshold and no THRESHOLD output: which threshold?")
         return {"plain": plain, "working_size": working_size, "threshold": float(threshold),
                 "source_meta": source_meta, "checkpoint": None, "module": None, "ckpt": None}
+    from fundus_hemorrhage_training.common import checkpoint_threshold
+
     from .export import export_checkpoint
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(model_dir, args.checkpoints_dir)
     if not checkpoint.is_file():
         raise BuildError(f"checkpoint {checkpoint} not found")
     _say(f"exporting {checkpoint.name}")
     module, ckpt, working_size = export_checkpoint(checkpoint, plain, args.working_size)
-    return {"plain": plain, "working_size": working_size, "threshold": float(ckpt.get("threshold", 0.5)),
+    return {"plain": plain, "working_size": working_size, "threshold": checkpoint_threshold(ckpt),
             "source_meta": {}, "checkpoint": checkpoint, "module": module, "ckpt": ckpt}
 
 

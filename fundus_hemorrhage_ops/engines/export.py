@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from fundus_hemorrhage_training.common import load_checkpoint
+from fundus_hemorrhage_training.common import checkpoint_threshold, load_checkpoint
 from fundus_hemorrhage_training.model import SegmentationExport, build_model
 
 from fundus_hemorrhage import contract as c
@@ -58,7 +58,7 @@ def model_metadata(ckpt: dict, checkpoint_name: str, precision: str) -> dict:
     """What serving and people need to know about a version: operating threshold (chosen on val at training,
     stored in the checkpoint), precision, provenance, val scores. `checkpoint_name` is the path inside checkpoints/."""
     return {
-        "threshold": float(ckpt.get("threshold", 0.5)),
+        "threshold": checkpoint_threshold(ckpt),
         "precision": precision,
         "stage": ckpt.get("stage"),
         "checkpoint": checkpoint_name,

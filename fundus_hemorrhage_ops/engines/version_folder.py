@@ -27,11 +27,7 @@ MODEL_PY = ("# This version runs model.onnx (beside this file) on ONNX Runtime; 
             "from fundus_hemorrhage.backend.unet_model import TritonPythonModel  # noqa: F401\n")
 
 
-def versions(model_dir: Path) -> list[int]:
-    """Version numbers of the model (its numeric sub-folders), ascending."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(d.name) for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit())
+versions = mc.version_numbers  # the model's numbered version folders, ascending
 
 
 def version_metadata(model_dir: Path, version: int) -> dict:

@@ -145,3 +145,84 @@ def agreement(served: np.ndarray, served_threshold: float, shadow: np.ndarray, s
     """(mask Dice, shadow lesion count - served lesion count) for one photo's working-grid probabilities."""
     a, b = working_mask(served, served_threshold), working_mask(shadow, shadow_threshold)
     return dice(a, b), lesion_count(b, min_lesion_working_px) - lesion_count(a, min_lesion_working_px)
+
+
+# ------------------------------------------------------------------------------------- request parameters
+
+import json  # noqa: E402  (this section was added at the end of the module)
+
+from .contract import PROBABILITY_PARAMETER, ROUTING_KEY_PARAMETER, UNET_VERSION_PARAMETER  # noqa: E402
+
+REQUEST_PARAMETERS = (PROBABILITY_PARAMETER, ROUTING_KEY_PARAMETER, UNET_VERSION_PARAMETER)  # every one accepted
+MAX_ROUTING_KEY_CHARS = 256
+_BOOLEAN_TEXT = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+class ParameterError(ValueError):
+    """A request parameter that cannot be used: `name` and the reason (the client's INVALID_ARGUMENT)."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self.reason = name, reason
+        super().__init__(f"request parameter {name!r}: {reason}")
+
+
+def _shown(value, limit: int = 60) -> str:
+    text = ascii(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8 (surrogateescape), or a "\udcff" escape
+        return False
+    return True
+
+
+def request_parameters(raw: str | bytes | None) -> dict:
+    """A request's parameters as the Python backend gives them (a JSON object; bytes when they are not UTF-8, e.g.
+    UnicodeDecodeError.object), checked: `probability` true/false, `unet_version` a version number >= 1 (int),
+    `routing_key` text of at most MAX_ROUTING_KEY_CHARS characters (an int is taken as its digits), nothing else.
+    Returns {name: value} with `probability` a bool, `unet_version` an int, `routing_key` a str. Raises
+    ParameterError naming the first bad parameter and why."""
+    if isinstance(raw, (bytes, bytearray)):
+        raw = bytes(raw).decode("utf-8", "surrogateescape")
+    try:
+        params = json.loads(raw or "{}")
+    except ValueError:
+        raise ParameterError("?", "the request's parameters are not readable (not a JSON object)") from None
+    if not isinstance(params, dict):
+        raise ParameterError("?", "the request's parameters are not a JSON object")
+    out = {}
+    for name, value in params.items():
+        if not _is_utf8(name):
+            raise ParameterError(name.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace"),
+                                 "the parameter's name is not UTF-8 text")
+        if isinstance(value, str) and not _is_utf8(value):
+            raise ParameterError(name, "the value is not UTF-8 text (bytes that are not characters)")
+        if name == PROBABILITY_PARAMETER:
+            if isinstance(value, bool):
+                out[name] = value
+            elif isinstance(value, int) and value in (0, 1):
+                out[name] = bool(value)
+            elif isinstance(value, str) and value.strip().lower() in _BOOLEAN_TEXT:
+                out[name] = _BOOLEAN_TEXT[value.strip().lower()]
+            else:
+                raise ParameterError(name, f"{_shown(value)} is not true or false")
+        elif name == UNET_VERSION_PARAMETER:
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise ParameterError(name, f"{_shown(value)} is not a version number")
+            try:
+                out[name] = parse_version(value.strip() if isinstance(value, str) else value)
+            except ValueError:
+                raise ParameterError(name, f"{_shown(value)} is not a version number (an integer >= 1)") from None
+        elif name == ROUTING_KEY_PARAMETER:
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise ParameterError(name, f"{_shown(value)} is not text (a pseudonymous patient or study id)")
+            key = str(value)
+            if len(key) > MAX_ROUTING_KEY_CHARS:
+                raise ParameterError(name, f"{len(key)} characters, over the limit of {MAX_ROUTING_KEY_CHARS}")
+            out[name] = key
+        else:
+            raise ParameterError(name, f"unknown parameter; accepted: {', '.join(REQUEST_PARAMETERS)}")
+    return out

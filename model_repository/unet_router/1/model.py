@@ -3,8 +3,8 @@
 PIXELS [N,3,S,S] -> PROBABILITY [N,1,S,S], THRESHOLD [N,1], MODEL_VERSION [N,1], exactly what unet returns (the
 version's identity comes from its own graph, so postprocess thresholds and names it correctly).
 
-Per request, all its photos go to one version (fundus_hemorrhage.routing): the request parameter `unet_version`
-pins it (a version unet does not serve is refused, INVALID_ARG, naming it and the served versions); else
+Per request, all its photos go to one version (fundus_hemorrhage.routing; every request parameter is checked
+first, a bad or unknown one is refused with INVALID_ARG naming it): the request parameter `unet_version` pins it (a version unet does not serve is refused, INVALID_ARG, naming it and the served versions); else
 `routing_key` (sticky); else a random draw by the config parameter `traffic` ("3:90,2:10"); with no traffic, the
 newest loaded version. The split is read once, in initialize: a new split is applied by loading this model again
 with the new config (python -m fundus_hemorrhage_ops.serving.traffic), which Triton does without dropping requests.
@@ -35,7 +35,8 @@ import triton_python_backend_utils as pb_utils
 
 from fundus_hemorrhage import contract as c
 from fundus_hemorrhage.backend.metrics import RouterMetrics
-from fundus_hemorrhage.routing import NEWEST, TrafficError, agreement, choose, parse_traffic, parse_version
+from fundus_hemorrhage.routing import (NEWEST, ParameterError, TrafficError, agreement, choose, parse_traffic,
+                                       parse_version, request_parameters)
 
 OUTPUTS = [c.PROBABILITY, c.THRESHOLD, c.MODEL_VERSION]
 ROUTING_KEY, UNET_VERSION = c.ROUTING_KEY_PARAMETER, c.UNET_VERSION_PARAMETER
@@ -79,17 +80,30 @@ class TritonPythonModel:
         return ", ".join(str(v) for v in candidates if unet_ready(v))
 
     def route(self, request) -> tuple[int, str, object]:
-        """(version or NEWEST, route, None), or (0, "", pb_utils.TritonError INVALID_ARG) for a bad or unserved
-        pin (TritonError is returned in a response, not raised)."""
-        params = json.loads(request.parameters() or "{}")
+        """(version or NEWEST, route, None), or (0, "", pb_utils.TritonError INVALID_ARG) for a bad request
+        parameter or an unserved pin (TritonError is returned in a response, not raised).
+
+        The router is the first step of the ensemble that reads the request's parameters, so every one is checked
+        here (fundus_hemorrhage.routing.request_parameters: `probability` for postprocess too, and unknown names);
+        a bad one ends the request with INVALID_ARG naming it, before postprocess sees it. Bytes that are not
+        UTF-8 (HTTP JSON is not checked by Triton) make the backend's parameters() raise UnicodeDecodeError: its
+        bytes are checked to name the parameter."""
+        try:
+            raw = request.parameters()
+        except UnicodeDecodeError as exc:
+            raw = exc.object
+        try:
+            params = request_parameters(raw)
+        except ParameterError as exc:
+            message = str(exc)
+            if exc.name == UNET_VERSION:
+                message += f"; served versions: {self.served_versions() or 'none'}"
+            return 0, "", pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
         if UNET_VERSION in params:
-            try:
-                version = parse_version(params[UNET_VERSION])
-            except (TypeError, ValueError):
-                version = None
-            if version is None or not unet_ready(version):
+            version = params[UNET_VERSION]
+            if not unet_ready(version):
                 return 0, "", pb_utils.TritonError(
-                    f"unet_version {params[UNET_VERSION]!r} is not served; served versions: "
+                    f"unet_version {version} is not served; served versions: "
                     f"{self.served_versions() or 'none'}", pb_utils.TritonError.INVALID_ARG)
             return version, "pinned", None
         key = params.get(ROUTING_KEY)

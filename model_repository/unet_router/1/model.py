@@ -23,7 +23,6 @@ router instance; a sampled request finding one in flight is skipped and counted.
 """
 
 import asyncio
-import json
 import os
 import random
 import threading
@@ -34,7 +33,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from fundus_hemorrhage import contract as c
+from fundus_hemorrhage.backend import model_config_and_parameters
 from fundus_hemorrhage.backend.metrics import RouterMetrics
+from fundus_hemorrhage.model_config import version_numbers
 from fundus_hemorrhage.routing import (NEWEST, ParameterError, TrafficError, agreement, choose, parse_traffic,
                                        parse_version, request_parameters)
 
@@ -53,8 +54,7 @@ def unet_ready(version: int) -> bool:
 
 class TritonPythonModel:
     def initialize(self, args):
-        model_config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+        _, params = model_config_and_parameters(args)
         self.unet_dir = os.path.join(os.path.dirname(args["model_repository"]), c.SEGMENTATION_MODEL)
         try:
             self.split = parse_traffic(params.get("traffic", ""))
@@ -75,8 +75,7 @@ class TritonPythonModel:
 
     def served_versions(self) -> str:
         """The unet versions READY now (version folders probed with is_model_ready; only on refusals)."""
-        folders = [int(d) for d in os.listdir(self.unet_dir) if d.isdigit()] if os.path.isdir(self.unet_dir) else []
-        candidates = sorted(set(folders) | set(self.split.versions))
+        candidates = sorted(set(version_numbers(self.unet_dir)) | set(self.split.versions))
         return ", ".join(str(v) for v in candidates if unet_ready(v))
 
     def route(self, request) -> tuple[int, str, object]:

@@ -9,6 +9,8 @@
 The resident memory (RSS) of tritonserver and of each Python backend stub is sampled every --sample-every
 seconds. Growth = (median of the last fifth of the samples - median of the first fifth after --warmup) / the
 latter, per process and for all together. Pass: 0 failed requests and every growth under --max-growth (10 %).
+The Python backend's /dev/shm regions are sampled and judged the same way (Triton users report shm growth with
+BLS, server#7481; every request here goes through the router's BLS call).
 Results: a markdown table and JSON on stdout, and in --out.md / --out.json. Exit code 1 when the soak does not pass.
 """
 
@@ -40,8 +42,17 @@ def process_label(proc: psutil.Process, triton_pid: int) -> str:
     return f"{proc.name()} pid {proc.pid}"
 
 
+SHM = "/dev/shm (Python backend regions)"  # not a process: its bytes are left out of the processes' sum
+
+
+def python_backend_shm_bytes() -> int:
+    """Bytes held in /dev/shm by Python-backend regions (allocated blocks: the regions are sparse files). Every
+    stub's region counts, whichever server it belongs to: soak on a machine where no other server runs."""
+    return sum(p.stat().st_blocks * 512 for p in Path("/dev/shm").glob("triton_python_backend_shm_region_*"))
+
+
 class RssSampler(threading.Thread):
-    """RSS (bytes) of tritonserver and its children, every `interval` seconds."""
+    """RSS (bytes) of tritonserver and its children, and the Python backend's /dev/shm, every `interval` s."""
 
     def __init__(self, triton_pid: int, interval: float):
         super().__init__(daemon=True)
@@ -61,6 +72,7 @@ class RssSampler(threading.Thread):
                     continue
         except psutil.Error:
             pass
+        rss[SHM] = python_backend_shm_bytes()
         self.samples.append({"t": round(time.monotonic() - self.t0, 1), "rss": rss})
 
     def run(self) -> None:
@@ -90,7 +102,7 @@ def growth_table(samples: list[dict], warmup: float, max_growth: float) -> list[
         values = [(s["t"], s["rss"][label]) for s in after if label in s["rss"]]
         if values:
             rows.append(row(label, values))
-    totals = [(s["t"], sum(s["rss"].values())) for s in after if s["rss"]]
+    totals = [(s["t"], sum(v for k, v in s["rss"].items() if k != SHM)) for s in after if s["rss"]]
     if totals:
         rows.append(row("all (sum)", totals))
     return rows

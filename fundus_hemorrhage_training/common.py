@@ -66,6 +66,17 @@ def set_cpu_threads(world_size: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
 
+def start_world(device: str, threads: int | None, seed: int) -> Distributed:
+    """A run's process world on `device` ("auto", "cuda", "cpu"), its CPU threads (`threads`, else this rank's
+    share of the cores) and torch's seed."""
+    world = Distributed(device)
+    set_cpu_threads(world.world_size)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    return world
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)

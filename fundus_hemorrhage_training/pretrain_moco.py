@@ -43,12 +43,11 @@ from tqdm import tqdm
 
 from fundus_hemorrhage.preprocessing import PreprocessConfig
 
-from .common import (DEFAULT_DATA, REPO_ROOT, Distributed, format_record, json_safe, load_checkpoint, log_json,
-                     save_checkpoint, set_cpu_threads)
+from .common import DEFAULT_DATA, REPO_ROOT, format_record, json_safe, log_json, save_checkpoint, start_world
 from .data import Example, augment, list_images, load_manifest_images, load_unlabeled, split_ids
 from .model import ARCHITECTURES, DEFAULT_CHANNELS
 from .moco import MoCo
-from .resumable import FINAL, StepSampler, is_finished, load_state, save_state, truncate_log
+from .resumable import FINAL, StepSampler, finished_metrics, load_state, save_state, truncate_log
 
 
 # Logged per epoch: the InfoNCE loss, top-1 against the queue, and moco.MoCo.stats (top-1 among this batch's own
@@ -222,14 +221,9 @@ def encoder_config(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if not args.restart and is_finished(args.output):
-        print(f"{args.output} is finished ({FINAL} exists): nothing to do", flush=True)
-        return load_checkpoint(args.output / FINAL)["metrics"]
-    world = Distributed(args.device)
-    set_cpu_threads(world.world_size)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    if not args.restart and (metrics := finished_metrics(args.output)) is not None:
+        return metrics
+    world = start_world(args.device, args.threads, args.seed)
     pre_config = PreprocessConfig(working_size=args.working_size)
 
     holdout = split_ids(args.holdout_manifest, "val")

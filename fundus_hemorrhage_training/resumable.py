@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Sampler
 
+from .common import load_checkpoint
+
 STATE = "state.pt"
 FINAL = "last.pt"
 LOG = "log.jsonl"
@@ -82,3 +84,11 @@ def truncate_log(folder: Path, step: int) -> None:
 
 def is_finished(folder: Path) -> bool:
     return (folder / FINAL).exists()
+
+
+def finished_metrics(folder: Path) -> dict | None:
+    """The metrics of the finished run in `folder` (its FINAL checkpoint exists), after saying so; else None."""
+    if not is_finished(folder):
+        return None
+    print(f"{folder} is finished ({FINAL} exists): nothing to do", flush=True)
+    return load_checkpoint(folder / FINAL)["metrics"]

@@ -38,12 +38,12 @@ from tqdm import tqdm
 
 from fundus_hemorrhage.preprocessing import PreprocessConfig
 
-from .common import (DEFAULT_DATA, REPO_ROOT, Distributed, format_record, json_safe, load_checkpoint, log_json,
-                     save_checkpoint, set_cpu_threads)
+from .common import (DEFAULT_DATA, REPO_ROOT, format_record, json_safe, load_checkpoint, log_json, save_checkpoint,
+                     start_world)
 from .data import UNLABELED_SPLIT, PatchDataset, load_labelled, load_rows, load_unlabeled, select_rows, split_ids
 from .evaluate import evaluate, torch_predictor
 from .model import ARCHITECTURES, DEFAULT_CHANNELS, build_model
-from .resumable import FINAL, StepSampler, is_finished, load_state, save_state, truncate_log
+from .resumable import FINAL, StepSampler, finished_metrics, load_state, save_state, truncate_log
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, fov: torch.Tensor,
@@ -174,14 +174,9 @@ def model_config(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if not args.restart and is_finished(args.output):
-        print(f"{args.output} is finished ({FINAL} exists): nothing to do", flush=True)
-        return load_checkpoint(args.output / FINAL)["metrics"]
-    world = Distributed(args.device)
-    set_cpu_threads(world.world_size)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    if not args.restart and (metrics := finished_metrics(args.output)) is not None:
+        return metrics
+    world = start_world(args.device, args.threads, args.seed)
     multitask = args.unlabeled is not None
     stage = "multitask" if multitask else ("finetune" if args.init else "supervised")
     pre_config = PreprocessConfig(working_size=args.working_size)

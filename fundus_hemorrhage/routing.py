@@ -19,12 +19,14 @@ components of at least `min_lesion_working_px` pixels, as postprocess counts the
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+from .contract import PROBABILITY_PARAMETER, ROUTING_KEY_PARAMETER, UNET_VERSION_PARAMETER
 from .postprocessing import PostprocessConfig, probability_levels, threshold_level
 
 NEWEST = -1  # Triton's "latest loaded version"
@@ -148,10 +150,6 @@ def agreement(served: np.ndarray, served_threshold: float, shadow: np.ndarray, s
 
 
 # ------------------------------------------------------------------------------------- request parameters
-
-import json  # noqa: E402  (this section was added at the end of the module)
-
-from .contract import PROBABILITY_PARAMETER, ROUTING_KEY_PARAMETER, UNET_VERSION_PARAMETER  # noqa: E402
 
 REQUEST_PARAMETERS = (PROBABILITY_PARAMETER, ROUTING_KEY_PARAMETER, UNET_VERSION_PARAMETER)  # every one accepted
 MAX_ROUTING_KEY_CHARS = 256

@@ -18,12 +18,13 @@ from fundus_hemorrhage import contract as c
 from fundus_hemorrhage.backend import model_config_and_parameters
 from fundus_hemorrhage.backend.metrics import LesionMetrics
 from fundus_hemorrhage.postprocessing import PostprocessConfig
+from fundus_hemorrhage.routing import request_parameters
 from fundus_hemorrhage.steps import answer_photos
 
 
 def wants_probability(request) -> bool:
-    value = json.loads(request.parameters() or "{}").get(c.PROBABILITY_PARAMETER, False)
-    return value is True or str(value).lower() in ("true", "1", "yes")
+    """The request's `probability` parameter (unet_router, the ensemble's earlier step, has refused bad ones)."""
+    return request_parameters(request.parameters()).get(c.PROBABILITY_PARAMETER, False)
 
 
 class TritonPythonModel:

@@ -253,8 +253,31 @@ def statistics_delta(before: dict, after: dict) -> dict:
     return delta
 
 
-def run_triton(args, photos, url: str) -> list[dict]:
-    """The ensemble through the client library, a level per --concurrency; the server's statistics per level."""
+def tree_cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of process `pid` and all its descendants (tritonserver, its stubs, HAProxy) so
+    far; None without a pid or when it is gone. What the server spent, whatever else shares the machine."""
+    import psutil
+
+    if pid is None:
+        return None
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return None
+    total = 0.0
+    for process in processes:
+        try:
+            t = process.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:  # a stub that ended between the listing and now
+            pass
+    return total
+
+
+def run_triton(args, photos, url: str, server_pid: int | None = None) -> list[dict]:
+    """The ensemble through the client library, a level per --concurrency; the server's statistics per level,
+    and with `server_pid` (serve.py's) the CPU seconds its process tree spent per photo in the window."""
     probability = True if args.probability else None
 
     def make_sender(i):
@@ -273,11 +296,15 @@ def run_triton(args, photos, url: str) -> list[dict]:
 
     levels = []
     for concurrency in args.concurrency:
-        snapshot = lambda: read_statistics(args.protocol, url)  # noqa: E731
+        snapshot = lambda: (read_statistics(args.protocol, url), tree_cpu_seconds(server_pid))  # noqa: E731
         loop = closed_loop(make_sender, concurrency, args.warmup, args.duration, args.min_requests, snapshot,
                            snapshot)
         level = summarize(loop, concurrency)
-        level["server"] = statistics_delta(loop["before"], loop["after"])
+        (before, cpu_before), (after, cpu_after) = loop["before"], loop["after"]
+        level["server"] = statistics_delta(before, after)
+        served = sum(row["inferences"] for name, row in level["server"].items() if name == c.ENSEMBLE)
+        level["server_cpu_ms_per_photo"] = (1e3 * (cpu_after - cpu_before) / served
+                                            if cpu_before is not None and cpu_after is not None and served else None)
         levels.append(level)
         print(f"  triton  c={concurrency}: {level['photos_per_s']:.2f} photos/s, "
               f"p95 {level['latency_ms']['p95']:.0f} ms, {level['errors']} errors", flush=True)

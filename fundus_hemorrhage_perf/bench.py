@@ -179,7 +179,7 @@ def main(argv=None) -> int:
             server = start_triton(logs / f"{args.out.name}.triton.log", args.model_repository)
             url = server.grpc_url if args.protocol == "grpc" else server.http_url
         try:
-            results["arms"]["triton"] = run_triton(args, photos, url)
+            results["arms"]["triton"] = run_triton(args, photos, url, server.process.pid if server else None)
         finally:
             if server is not None:
                 server.stop()

@@ -17,7 +17,7 @@ from .geometry import Geometry
 from .png import encode_png
 from .quality import QualityAssessment
 from .report import NOT_ASSESSED, lesion_report, ungradable_report
-from .retinal_frame import Landmarks, nearest_pixel_distance
+from .retinal_frame import Landmarks
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,29 @@ def _candidate_windows(prob8: np.ndarray, level: int, geometry: Geometry) -> lis
     return boxes
 
 
+def component_statistics(labels: np.ndarray, window: np.ndarray, origin: tuple[int, int],
+                         fovea: tuple[float, float] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Per component 1..K of `labels` (int32 [h, w], 0 background, every label present) on the window whose
+    top-left pixel is `origin` (x, y) on the photo: the sum and the maximum of its uint8 `window` values, and the
+    distance (pixels) from `fovea` (x, y) to its nearest pixel centre, 0 when the fovea lies in one of its pixels
+    (retinal_frame.nearest_pixel_distance, for every component at once; None without a fovea). Arrays [K]."""
+    ys, xs = np.nonzero(labels)
+    component = labels[ys, xs]
+    order = np.argsort(component, kind="stable")
+    component, ys, xs = component[order], ys[order], xs[order]
+    starts = np.flatnonzero(np.r_[True, component[1:] != component[:-1]])
+    values = window[ys, xs].astype(np.int64)
+    sums, maxima = np.add.reduceat(values, starts), np.maximum.reduceat(values, starts)
+    if fovea is None:
+        return sums, maxima, None
+    fx, fy = fovea
+    distances = np.sqrt(np.minimum.reduceat((xs + origin[0] - fx) ** 2 + (ys + origin[1] - fy) ** 2, starts))
+    px, py = int(math.floor(fx + 0.5)) - origin[0], int(math.floor(fy + 0.5)) - origin[1]  # the fovea's pixel
+    if 0 <= py < labels.shape[0] and 0 <= px < labels.shape[1] and labels[py, px]:
+        distances[labels[py, px] - 1] = 0.0
+    return sums, maxima, distances
+
+
 def find_lesions(probability: np.ndarray, geometry: Geometry, threshold: float, min_area: int,
                  fovea: tuple[float, float] | None = None) -> tuple[np.ndarray, list[Lesion]]:
     """The 0/255 mask at the original size and its lesions (components of at least `min_area` pixels).
@@ -164,18 +187,20 @@ def find_lesions(probability: np.ndarray, geometry: Geometry, threshold: float, 
         window = _warp_window(prob8, geometry, (x0, y0, x1, y1))
         hits = cv2.threshold(window, level - 1, 255, cv2.THRESH_BINARY)[1]  # 255 where window >= level
         count, labels, stats, centroids = cv2.connectedComponentsWithStats(hits, connectivity=8, ltype=cv2.CV_32S)
-        for k in np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] < min_area) + 1:  # specks: off the mask (few, small)
+        areas = stats[1:, cv2.CC_STAT_AREA]
+        for k in np.flatnonzero(areas < min_area) + 1:  # specks: off the mask (few and small)
             x, y, w, h, _ = stats[k].tolist()
             hits[y:y + h, x:x + w][labels[y:y + h, x:x + w] == k] = 0
         mask[y0:y1, x0:x1] = hits  # the windows are disjoint
-        for k in (np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= min_area) + 1).tolist():
+        keep = np.flatnonzero(areas >= min_area) + 1
+        if keep.size == 0:
+            continue
+        sums, maxima, distances = component_statistics(labels, window, (x0, y0), fovea)
+        for k in keep.tolist():
             x, y, w, h, area = stats[k].tolist()
-            own = labels[y:y + h, x:x + w] == k
-            values = window[y:y + h, x:x + w][own]  # this lesion's uint8 probabilities
-            distance = None if fovea is None else nearest_pixel_distance(own, x + x0, y + y0, *fovea)
             lesions.append(Lesion(x + x0, y + y0, w, h, area, float(centroids[k][0]) + x0,
-                                  float(centroids[k][1]) + y0, float(values.sum()) / (255.0 * area),
-                                  float(values.max()) / 255.0, distance))
+                                  float(centroids[k][1]) + y0, float(sums[k - 1]) / (255.0 * area),
+                                  float(maxima[k - 1]) / 255.0, None if fovea is None else float(distances[k - 1])))
     lesions.sort(key=lambda les: (les.y, les.x))
     return mask, lesions
 

@@ -63,3 +63,26 @@ def test_perf_analyzer_input_file(tmp_path):
     raw = base64.b64decode(data[0]["IMAGE"]["b64"])
     assert int.from_bytes(raw[:4], "little") == len(raw) - 4 and raw[4:6] == b"\xff\xd8"  # length + JPEG
     assert subprocess.run(["bash", "-n", str(PERF / "perf_analyzer.sh")]).returncode == 0
+
+
+def test_stage_profile_finds_every_stage(tmp_path):
+    """Every stage's function is still where the profile looks for it (a renamed step would show as 0 calls)."""
+    out = tmp_path / "stages"
+    run([sys.executable, str(PERF / "stage_profile.py"), "--photos", str(SAMPLES), "--batch", "2", "--repeats", "1",
+         "--out", str(out)], timeout=180)
+    stages = json.loads(out.with_suffix(".json").read_text())["stages"]
+    missing = [s["stage"] for s in stages if s["calls_per_request"] == 0]
+    assert not missing, missing
+    assert all(s["ms_per_request"] > 0 for s in stages)
+
+
+def test_stub_profile_samples_each_stub(triton_server, tmp_path):
+    out = tmp_path / "stubs"
+    run([sys.executable, str(PERF / "stub_profile.py"), "--url", triton_server.grpc_url, "--photos", str(SAMPLES),
+         "--batch", "2", "--seconds", "3", "--warmup", "1", "--out", str(out)], timeout=180)
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["requests"] >= 1
+    for model in (PREPROCESS, SEGMENTATION_MODEL, POSTPROCESS):
+        assert result["stubs"][model]["processes"] >= 1 and result["stubs"][model]["samples"] > 0, model
+    names = [f["function"] for f in result["stubs"][POSTPROCESS]["functions"]]
+    assert any(name.startswith("find_lesions ") for name in names), names[:10]

@@ -12,11 +12,12 @@ from fundus_hemorrhage.anatomy_tensor import FOUND, REASONS, UNAVAILABLE, Anatom
 from fundus_hemorrhage.contract import REPORT_SCHEMA_VERSION
 from fundus_hemorrhage.geometry import Geometry
 from fundus_hemorrhage.png import encode_png
-from fundus_hemorrhage.postprocessing import (PostprocessConfig, find_lesions, min_lesion_area, original_fov_mask,
-                                              postprocess, probability_to_original, threshold_level)
+from fundus_hemorrhage.postprocessing import (PostprocessConfig, component_statistics, find_lesions, min_lesion_area,
+                                              original_fov_mask, postprocess, probability_to_original, threshold_level)
 from fundus_hemorrhage.preprocessing import preprocess, to_working
 from fundus_hemorrhage.quality import QualityAssessment
 from fundus_hemorrhage.report import UNGRADABLE_ANATOMY, error_report
+from fundus_hemorrhage.retinal_frame import nearest_pixel_distance
 from tests.conftest import REPO_ROOT, SAMPLE_PHOTOS
 from tests.fundus import encode, synthetic_fundus
 
@@ -251,3 +252,30 @@ def test_mask_is_the_thresholded_probability_map_exactly():
         for threshold in (0.0627, 0.3, 0.5):
             mask, _ = find_lesions(prob, pre.geometry, threshold, 1)
             assert np.array_equal(mask > 0, p8 >= threshold_level(threshold)), (photo.name, threshold)
+
+
+@pytest.mark.parametrize("where", ["none", "inside", "between", "outside"])
+def test_component_statistics_equal_each_component_measured_alone(where):
+    """The vectorised per-lesion sums, maxima and fovea distances equal the one-component-at-a-time definitions
+    (retinal_frame.nearest_pixel_distance), wherever the fovea is: in a lesion, between them, off the window."""
+    rng = np.random.default_rng(7)
+    window = cv2.GaussianBlur(rng.integers(0, 256, (120, 200), dtype=np.uint8), (9, 9), 3) * 2
+    count, labels, _, _ = cv2.connectedComponentsWithStats((window > 140).astype(np.uint8), connectivity=8,
+                                                           ltype=cv2.CV_32S)
+    assert count > 5
+    origin = (100, 20)
+    ys, xs = np.nonzero(labels == 3)
+    gy, gx = np.nonzero(labels == 0)
+    fovea = {"none": None, "inside": (xs[0] + origin[0] + 0.2, ys[0] + origin[1] - 0.3),
+             "between": (gx[len(gx) // 2] + origin[0] + 0.4, gy[len(gy) // 2] + origin[1]),
+             "outside": (10_000.0, -40.5)}[where]
+    sums, maxima, distances = component_statistics(labels, window, origin, fovea)
+    for k in range(1, count):
+        own = labels == k
+        assert sums[k - 1] == int(window[own].sum()) and maxima[k - 1] == int(window[own].max())
+        if fovea is None:
+            assert distances is None
+        else:
+            assert distances[k - 1] == nearest_pixel_distance(own, *origin, *fovea)
+    if where == "inside":
+        assert distances[2] == 0.0

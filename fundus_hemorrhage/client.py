@@ -115,16 +115,20 @@ def infer(client, protocol: str, images, probability: bool | None = None, output
           timeout: float | None = None, parameters: dict | None = None):
     """One ensemble request; tritonclient's InferResult. `images`: the photos' bytes, or an input made by
     `image_input` (to send the same photos again without copying them). `probability` sets the request
-    parameter contract.PROBABILITY_PARAMETER when not None; `parameters` adds others (e.g. `routing_parameters`).
+    parameter contract.PROBABILITY_PARAMETER when not None, and `outputs` without MASK sets MASK_PARAMETER false;
+    `parameters` adds others (e.g. `routing_parameters`).
     `timeout`: seconds, gRPC only. Raises tritonclient's InferenceServerException when the server refuses the
     request."""
     module = client_module(protocol)
     image = image_input(protocol, images) if isinstance(images, (list, tuple)) else images
     kwargs = {}
-    if probability is not None or parameters:
-        kwargs["parameters"] = dict(parameters or {})
-        if probability is not None:
-            kwargs["parameters"][c.PROBABILITY_PARAMETER] = probability
+    parameters = dict(parameters or {})
+    if probability is not None:
+        parameters[c.PROBABILITY_PARAMETER] = probability
+    if c.MASK not in outputs:  # no full-size mask encoded for nothing (an ensemble step computes all its outputs)
+        parameters[c.MASK_PARAMETER] = False
+    if parameters:
+        kwargs["parameters"] = parameters
     if protocol == "grpc" and timeout:
         kwargs["client_timeout"] = timeout
     return client.infer(c.ENSEMBLE, [image], outputs=[module.InferRequestedOutput(n) for n in outputs], **kwargs)

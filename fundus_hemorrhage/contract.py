@@ -51,8 +51,11 @@ THRESHOLD = "THRESHOLD"
 MODEL_VERSION = "MODEL_VERSION"
 PROBABILITY_PNG = "PROBABILITY_PNG"
 
-# Request parameter: also return PROBABILITY (round(255 p) as a PNG at the photo's size).
+# Request parameters of postprocess: also return PROBABILITY (round(255 p) as a PNG at the photo's size); or
+# (false) leave MASK empty, for a client that asked for LESIONS only (the client library sets it from the outputs
+# it requests; an ensemble step is always asked for all of its outputs, server#1201).
 PROBABILITY_PARAMETER = "probability"
+MASK_PARAMETER = "mask"
 # Request parameters read by the router (fundus_hemorrhage.routing): pin a unet version; or a pseudonymous
 # patient/study id that keeps its requests on one version while the traffic split is unchanged.
 UNET_VERSION_PARAMETER = "unet_version"

@@ -214,9 +214,11 @@ class PostprocessResult:
 
 def postprocess(probability: np.ndarray, geometry: Geometry, threshold: float, model_version: str,
                 config: PostprocessConfig = PostprocessConfig(), with_probability: bool = False,
-                anatomy: Anatomy | None = None, image_quality: QualityAssessment = NOT_ASSESSED) -> PostprocessResult:
+                anatomy: Anatomy | None = None, image_quality: QualityAssessment = NOT_ASSESSED,
+                with_mask: bool = True) -> PostprocessResult:
     """One photo: PROBABILITY [1, S, S] (or [S, S]) on the working grid, thresholded at the producing version's
-    `threshold` -> mask PNG at the original size, report, and the probability PNG if asked (else b"").
+    `threshold` -> mask PNG at the original size (b"" when `with_mask` is False: the report is the same), report,
+    and the probability PNG if asked (else b"").
 
     `anatomy`: the photo's optic disc and fovea on the same working grid (a row of the ANATOMY tensor); without
     it the report's anatomical fields are null with the reason "detector not available".
@@ -233,4 +235,4 @@ def postprocess(probability: np.ndarray, geometry: Geometry, threshold: float, m
     mask, lesions = find_lesions(probability, geometry, threshold, min_area, landmarks.fovea)
     report = lesion_report(lesions, geometry, threshold, str(model_version), min_area, landmarks, image_quality)
     probability_png = encode_png(probability_to_original(probability, geometry)) if with_probability else b""
-    return PostprocessResult(encode_png(mask), report, probability_png)
+    return PostprocessResult(encode_png(mask) if with_mask else b"", report, probability_png)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .contract import PROBABILITY_PARAMETER, ROUTING_KEY_PARAMETER, UNET_VERSION_PARAMETER
+from .contract import MASK_PARAMETER, PROBABILITY_PARAMETER, ROUTING_KEY_PARAMETER, UNET_VERSION_PARAMETER
 from .postprocessing import PostprocessConfig, probability_levels, threshold_level
 
 NEWEST = -1  # Triton's "latest loaded version"
@@ -151,7 +151,7 @@ def agreement(served: np.ndarray, served_threshold: float, shadow: np.ndarray, s
 
 # ------------------------------------------------------------------------------------- request parameters
 
-REQUEST_PARAMETERS = (PROBABILITY_PARAMETER, ROUTING_KEY_PARAMETER, UNET_VERSION_PARAMETER)  # every one accepted
+REQUEST_PARAMETERS = (PROBABILITY_PARAMETER, MASK_PARAMETER, ROUTING_KEY_PARAMETER, UNET_VERSION_PARAMETER)  # all
 MAX_ROUTING_KEY_CHARS = 256
 _BOOLEAN_TEXT = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -179,9 +179,9 @@ def _is_utf8(text: str) -> bool:
 
 def request_parameters(raw: str | bytes | None) -> dict:
     """A request's parameters as the Python backend gives them (a JSON object; bytes when they are not UTF-8, e.g.
-    UnicodeDecodeError.object), checked: `probability` true/false, `unet_version` a version number >= 1 (int),
+    UnicodeDecodeError.object), checked: `probability` and `mask` true/false, `unet_version` a version number >= 1 (int),
     `routing_key` text of at most MAX_ROUTING_KEY_CHARS characters (an int is taken as its digits), nothing else.
-    Returns {name: value} with `probability` a bool, `unet_version` an int, `routing_key` a str. Raises
+    Returns {name: value} with `probability` and `mask` bools, `unet_version` an int, `routing_key` a str. Raises
     ParameterError naming the first bad parameter and why."""
     if isinstance(raw, (bytes, bytearray)):
         raw = bytes(raw).decode("utf-8", "surrogateescape")
@@ -198,7 +198,7 @@ def request_parameters(raw: str | bytes | None) -> dict:
                                  "the parameter's name is not UTF-8 text")
         if isinstance(value, str) and not _is_utf8(value):
             raise ParameterError(name, "the value is not UTF-8 text (bytes that are not characters)")
-        if name == PROBABILITY_PARAMETER:
+        if name in (PROBABILITY_PARAMETER, MASK_PARAMETER):
             if isinstance(value, bool):
                 out[name] = value
             elif isinstance(value, int) and value in (0, 1):

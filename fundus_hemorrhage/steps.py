@@ -88,14 +88,15 @@ def read_photos(images: Sequence, config: PreprocessConfig, pool: Executor, dete
 
 def answer_photo(index: int, probability: np.ndarray, threshold: float, version: int, geometry: np.ndarray,
                  anatomy: np.ndarray, error: str, quality: bytes, config: PostprocessConfig,
-                 with_probability: bool, log: Log = _log) -> PhotoResult:
+                 with_probability: bool, log: Log = _log, with_mask: bool = True) -> PhotoResult:
     """Photo `index`'s answer from its rows: the error report if it was unreadable, else mask, report and the
     probability PNG (if asked). Never raises."""
     if error:
         return PhotoResult(b"", error_report(index, error))
     try:
         result = postprocess(probability, Geometry.from_vector(geometry), threshold, version, config,
-                             with_probability, Anatomy.from_vector(anatomy), QualityAssessment.from_json(quality))
+                             with_probability, Anatomy.from_vector(anatomy), QualityAssessment.from_json(quality),
+                             with_mask)
     except Exception as exc:  # never let one photo fail the request
         log(f"postprocess: image {index} failed: {exc!r}")
         return PhotoResult(b"", error_report(index, f"postprocessing failed ({type(exc).__name__})"))
@@ -105,9 +106,10 @@ def answer_photo(index: int, probability: np.ndarray, threshold: float, version:
 
 def answer_photos(probability: np.ndarray, threshold: np.ndarray, version: np.ndarray, geometry: np.ndarray,
                   anatomy: np.ndarray, errors: Sequence[str], quality: Sequence[bytes], config: PostprocessConfig,
-                  with_probability: bool, pool: Executor, log: Log = _log) -> list[PhotoResult]:
+                  with_probability: bool, pool: Executor, log: Log = _log, with_mask: bool = True
+                  ) -> list[PhotoResult]:
     """Every photo's answer, `pool`-parallel (OpenCV and zlib release the GIL). THRESHOLD [N, 1] and
     MODEL_VERSION [N, 1] come with the probabilities: each photo is thresholded as its own unet version says."""
     return list(pool.map(lambda i: answer_photo(
         i, probability[i], float(threshold[i][0]), int(version[i][0]), geometry[i], anatomy[i], errors[i],
-        quality[i], config, with_probability, log), range(len(errors))))
+        quality[i], config, with_probability, log, with_mask), range(len(errors))))

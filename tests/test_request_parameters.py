@@ -26,6 +26,7 @@ from conftest import SAMPLE_PHOTOS, infer, make_client
     (None, {}), ("", {}), ("{}", {}),
     ('{"probability": true}', {"probability": True}), ('{"probability": "Yes"}', {"probability": True}),
     ('{"probability": 0}', {"probability": False}), ('{"probability": "false"}', {"probability": False}),
+    ('{"mask": false}', {"mask": False}), ('{"mask": "true"}', {"mask": True}),
     ('{"unet_version": 3}', {"unet_version": 3}), ('{"unet_version": " 2 "}', {"unet_version": 2}),
     ('{"routing_key": "patient-7"}', {"routing_key": "patient-7"}), ('{"routing_key": 42}', {"routing_key": "42"}),
     ('{"routing_key": ""}', {"routing_key": ""}), ('{"routing_key": "ä"}', {"routing_key": "ä"}),
@@ -48,7 +49,7 @@ def test_good_parameters_are_read(raw, expected):
     ('{"routing_key": true}', "routing_key", "not text"),
     ('{"routing_key": 1.5}', "routing_key", "not text"),
     (json.dumps({"routing_key": "k" * (MAX_ROUTING_KEY_CHARS + 1)}), "routing_key", "over the limit"),
-    ('{"unet-version": 2}', "unet-version", "unknown parameter; accepted: probability, routing_key, unet_version"),
+    ('{"unet-version": 2}', "unet-version", "unknown parameter; accepted: probability, mask, routing_key, unet_version"),
 ])
 def test_bad_parameters_are_refused_naming_them(raw, name, words):
     with pytest.raises(ParameterError) as refused:
@@ -110,6 +111,7 @@ def test_http_bad_parameters_get_400_naming_them(triton_server, parameters, name
 @pytest.mark.parametrize("parameters, name, words", [
     ({"unet-version": 2}, "unet-version", "unknown parameter"),
     ({"probability": "perhaps"}, "probability", "not true or false"),
+    ({"mask": "none"}, "mask", "not true or false"),
     ({"routing_key": 1.5}, "routing_key", "not text"),
     ({"routing_key": "k" * 300}, "routing_key", "over the limit"),
     ({"unet_version": 0}, "unet_version", "not a version number"),
@@ -152,3 +154,23 @@ def test_grpc_bytes_that_are_not_utf8_are_refused_by_triton_before_any_model(tri
     assert refused.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
     assert "parse" in (refused.value.details() or "")
     _serves_a_photo(triton_server)
+
+
+def test_a_client_that_asks_for_lesions_only_gets_the_same_reports_and_no_mask_is_encoded(triton_server):
+    """The client library turns "outputs without MASK" into mask=false: the reports are the full request's, MASK is
+    empty when it is requested anyway with mask=false."""
+    from fundus_hemorrhage import client as service
+
+    photos = [p.read_bytes() for p in SAMPLE_PHOTOS[:2]]
+    client = make_client(triton_server, "grpc")
+    try:
+        full = service.infer(client, "grpc", photos)
+        lesions_only = service.infer(client, "grpc", photos, outputs=[c.LESIONS])
+        asked_anyway = service.infer(client, "grpc", photos, parameters={c.MASK_PARAMETER: False})
+    finally:
+        client.close()
+    assert lesions_only.as_numpy(c.MASK) is None
+    assert lesions_only.as_numpy(c.LESIONS).tolist() == full.as_numpy(c.LESIONS).tolist()
+    assert asked_anyway.as_numpy(c.LESIONS).tolist() == full.as_numpy(c.LESIONS).tolist()
+    assert all(len(m) > 100 for m in full.as_numpy(c.MASK).reshape(-1))
+    assert asked_anyway.as_numpy(c.MASK).reshape(-1).tolist() == [b"", b""]

@@ -3,7 +3,8 @@ PROBABILITY, THRESHOLD, MODEL_VERSION, GEOMETRY, ERROR, ANATOMY, QUALITY -> MASK
 
 Each photo is thresholded at the THRESHOLD that came with its probabilities, and its report names the
 MODEL_VERSION that produced them: nothing is looked up on disk. PROBABILITY_PNG is computed only when the request
-carries the parameter `probability` = true; otherwise it is an empty string. ANATOMY (the optic disc and fovea
+carries the parameter `probability` = true; otherwise it is an empty string. MASK is empty when the parameter
+`mask` is false (a client that asked for LESIONS only: no full-size PNG encoded). ANATOMY (the optic disc and fovea
 that preprocess found on the working grid) places the lesions in the retinal frame (report schema 2.0). QUALITY
 (the image-quality verdict, JSON) makes an ungradable photo's answer an empty mask and status "ungradable".
 """
@@ -22,9 +23,11 @@ from fundus_hemorrhage.routing import request_parameters
 from fundus_hemorrhage.steps import answer_photos
 
 
-def wants_probability(request) -> bool:
-    """The request's `probability` parameter (unet_router, the ensemble's earlier step, has refused bad ones)."""
-    return request_parameters(request.parameters()).get(c.PROBABILITY_PARAMETER, False)
+def wanted_outputs(request) -> tuple[bool, bool]:
+    """The request's `probability` (default false) and `mask` (default true) parameters (unet_router, the
+    ensemble's earlier step, has refused bad ones)."""
+    params = request_parameters(request.parameters())
+    return params.get(c.PROBABILITY_PARAMETER, False), params.get(c.MASK_PARAMETER, True)
 
 
 class TritonPythonModel:
@@ -42,8 +45,9 @@ class TritonPythonModel:
                       for name in (c.PROBABILITY, c.THRESHOLD, c.MODEL_VERSION, c.GEOMETRY, c.ANATOMY)]
             errors, quality = (pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)
                                for name in (c.ERROR, c.QUALITY))
-            results = answer_photos(*inputs, [e.decode() for e in errors], quality, self.config,
-                                    wants_probability(request), self.pool, self.logger.log_error)
+            with_probability, with_mask = wanted_outputs(request)
+            results = answer_photos(*inputs, [e.decode() for e in errors], quality, self.config, with_probability,
+                                    self.pool, self.logger.log_error, with_mask)
             masks, reports, probabilities = zip(*((r.mask_png, r.report, r.probability_png) for r in results))
             for report in reports:
                 self.lesion_metrics.record(report)

@@ -25,9 +25,9 @@ import torch
 from fundus_hemorrhage import contract as c
 from fundus_hemorrhage.onnx_session import create_session, run
 
-from .common import DEFAULT_DATA, REPO_ROOT
-from .data import read_manifest
-from .model import build_model
+from fundus_hemorrhage_training.common import DEFAULT_DATA, REPO_ROOT
+from fundus_hemorrhage_training.data import read_manifest
+from fundus_hemorrhage_training.model import build_model
 
 # name -> (model config, working size)
 VARIANTS = {

@@ -86,3 +86,15 @@ def test_stub_profile_samples_each_stub(triton_server, tmp_path):
         assert result["stubs"][model]["processes"] >= 1 and result["stubs"][model]["samples"] > 0, model
     names = [f["function"] for f in result["stubs"][POSTPROCESS]["functions"]]
     assert any(name.startswith("find_lesions ") for name in names), names[:10]
+
+
+def test_every_perf_tool_imports():
+    """A tool nobody ran for a while still imports (serving_cost.py did not, after the package restructuring)."""
+    import importlib
+    import pkgutil
+
+    import fundus_hemorrhage_perf
+
+    for module in pkgutil.iter_modules(fundus_hemorrhage_perf.__path__):
+        if module.name != "locustfile":  # gevent monkey-patches on import; run by locust in its own test above
+            importlib.import_module(f"fundus_hemorrhage_perf.{module.name}")

@@ -258,3 +258,17 @@ def test_triton_killed_mid_burst_loses_and_duplicates_nothing(orthanc, gateway, 
     os.kill(tritonserver_of(triton_server).pid, signal.SIGKILL)  # serve.py starts it again
     assert_exactly_once(orthanc, studies, gateway, timeout=300)
     assert any("retrying change" in line and "Triton" in line for line in gateway.log().splitlines())
+
+
+def test_cstore_from_a_peer_not_allowed_is_refused(tmp_path):
+    """The Lua filter of deploy/orthanc/ (Orthanc 1.10 listens on every interface): only --dicom-allow peers'
+    instances are stored. (Orthanc 1.10 answers the refused sender "Success": see dicom_peers.lua.in.)"""
+    http, dicom = free_ports(2)
+    closed = start_orthanc(tmp_path / "orthanc", http, dicom, dicom_allow=("192.0.2.1",))
+    try:
+        study = new_study()
+        c_store([op_from_jpeg(sample_jpeg(0, 320), study)], dicom)
+        assert study_instances(closed.url, study.study_uid) == []
+        assert "refused C-STORE from 127.0.0.1" in closed.log_path.read_text(errors="replace")
+    finally:
+        closed.stop()

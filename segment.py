@@ -23,6 +23,14 @@ extension, then a counter, is appended to keep their outputs apart):
                           or for a photo that failed {"status": "error", "error": reason}
   <stem>_probability.png  with --probability: round(255 * p) per pixel
 and once per run index.html: every photo with its thumbnail, counts per zone and findings, linking its files.
+
+    python segment.py --compare BASELINE FOLLOW_UP [BASELINE FOLLOW_UP ...] --output DIR
+
+compares visits of one eye (model hemorrhage_progression): PATHs are photo files taken as pairs, in order. Each
+photo gets the files above, and each pair (<name> = <baseline stem>_vs_<follow-up stem>) gets <name>_change.json
+(the change report), <name>_side_by_side.jpg (both overlays), <name>_difference.png (the follow-up registered onto
+the baseline, two colours, new lesions yellow, resolved cyan, enlarged orange, shrunk blue) and a section of
+index.html. Exit status 1 when a pair could not be compared (its reason is printed and in its report).
 Pixels follow the photo as stored: EXIF orientation is reported in the JSON, not applied.
 
 At the end a table lists every photo: status, lesion count, total lesion area (pixels and % of the
@@ -52,7 +60,9 @@ import numpy as np  # noqa: E402
 
 from fundus_hemorrhage import client as service  # noqa: E402
 from fundus_hemorrhage import overlay as drawing  # noqa: E402
-from fundus_hemorrhage.contract import MAX_BATCH_SIZE  # noqa: E402
+from fundus_hemorrhage import progression_client  # noqa: E402
+from fundus_hemorrhage.comparison_files import write_comparison  # noqa: E402
+from fundus_hemorrhage.contract import MAX_BATCH_SIZE, MAX_PAIRS, PROGRESSION  # noqa: E402
 from fundus_hemorrhage.files import write_atomically  # noqa: E402
 from fundus_hemorrhage.report import error_report  # noqa: E402
 from fundus_hemorrhage.report_index import THUMBNAIL_WIDTH, write_index  # noqa: E402
@@ -294,6 +304,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, metavar="N",
                    help=f"photos per request, 1..{MAX_BATCH_SIZE} (default 8)")
     p.add_argument("--probability", action="store_true", help="also write <stem>_probability.png")
+    p.add_argument("--compare", action="store_true",
+                   help="PATHs are pairs BASELINE FOLLOW_UP of one eye: register and report what changed")
     p.add_argument("--routing-key", metavar="KEY",
                    help="A/B routing: a pseudonymous patient or study id; its photos always get the same unet version")
     p.add_argument("--unet-version", type=int, metavar="N", help="A/B routing: pin this unet version")
@@ -316,8 +328,60 @@ def usage_error(message: str) -> int:
     return 2
 
 
+def compare_main(args: argparse.Namespace) -> int:
+    """segment.py --compare: each pair through hemorrhage_progression, both visits' files, the pair's files."""
+    paths = [Path(p) for p in args.paths]
+    if len(paths) % 2 or any(not p.is_file() for p in paths):
+        return usage_error("--compare takes photo files in pairs: BASELINE FOLLOW_UP [BASELINE FOLLOW_UP ...]")
+    try:
+        photos = {p: p.read_bytes() for p in paths}
+        args.output.mkdir(parents=True, exist_ok=True)
+        client = service.make_client(args.url, args.protocol, args.timeout)
+        service.check_server(client, args.protocol, args.url, min(args.timeout, 10.0))
+        if not client.is_model_ready(PROGRESSION):
+            return usage_error(f"model {PROGRESSION!r} is not ready at {args.url}")
+    except service.ServerNotReady as exc:
+        return usage_error(str(exc))
+    except OSError as exc:
+        return usage_error(f"{exc.filename or args.output}: {exc.strerror or exc}")
+    unique = list(dict.fromkeys(paths))
+    names = dict(zip(unique, output_names(unique)))
+    pairs = list(zip(paths[::2], paths[1::2]))
+    visits, comparisons, failures = {}, [], 0
+    for start in range(0, len(pairs), MAX_PAIRS):
+        chunk = pairs[start:start + MAX_PAIRS]
+        answers = progression_client.compare(client, args.protocol, [(photos[b], photos[f]) for b, f in chunk],
+                                             args.timeout)
+        for (b, f), answer in zip(chunk, answers):
+            for path, result in ((b, answer.baseline), (f, answer.follow_up)):
+                if path not in visits:
+                    photo = Photo(path, names[path], len(visits))
+                    out = PhotoOutput(photo, True, result.report, result.mask_png) if result.ok else \
+                        failed(photo, result.error, report=result.report)
+                    visits[path] = finish_one(out, args.output, photos[path])
+            name = f"{names[b]}_vs_{names[f]}"
+            files, notes = write_comparison(args.output, name, (str(b), str(f)), (photos[b], photos[f]), answer)
+            change = answer.change_report
+            comparisons.append({"name": name, "baseline": b.name, "follow_up": f.name, "change": change,
+                                "files": files})
+            registration = change.get("registration") or {}
+            if change.get("status") == "ok":
+                print(f"{b.name} -> {f.name}: {change['summary']}, compared field "
+                      f"{change['compared_field']['overlap_fraction']:.0%}" + "".join(f"; {n}" for n in notes))
+            else:
+                failures += 1
+                print(f"{b.name} -> {f.name}: NOT COMPARED ({registration.get('status')}): "
+                      f"{registration.get('reason') or change.get('error')}")
+    rows = [index_row(r, args.output) for r in sorted(visits.values(), key=lambda r: r.photo.index)]
+    index = write_index(args.output, rows, comparisons)
+    print(f"{len(pairs) - failures} of {len(pairs)} pairs compared; overview: {index}")
+    return 1 if failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.compare:
+        return compare_main(args)
     try:
         photos = collect_photos(args.paths, exclude=args.output)
     except UsageError as exc:

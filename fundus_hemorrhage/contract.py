@@ -15,6 +15,11 @@ build_engines import them.
                    -> MASK, LESIONS, PROBABILITY_PNG
     <--MASK [N,1] PNG bytes, LESIONS [N,1] JSON bytes, PROBABILITY [N,1] PNG bytes (b"" unless asked)--
 
+    client --BASELINE [N,1], FOLLOW_UP [N,1] bytes--> PROGRESSION (Python backend, BLS into ENSEMBLE with the 2N
+      photos, registration and change report: fundus_hemorrhage.registration, fundus_hemorrhage.progression)
+    <--BASELINE_MASK, FOLLOW_UP_MASK [N,1] PNG, BASELINE_LESIONS, FOLLOW_UP_LESIONS [N,1] JSON (the single-visit
+       reports), CHANGE_REPORT [N,1] JSON--
+
 THRESHOLD and MODEL_VERSION are constants baked into each unet version's graph (build_engines), so the report
 names the version that produced its probabilities and uses that version's threshold, whichever is served.
 """
@@ -29,6 +34,8 @@ PREPROCESS = "preprocess"
 SEGMENTATION_MODEL = "unet"
 ROUTER = "unet_router"  # the ensemble's middle step: picks the unet version per request (A/B), calls it
 POSTPROCESS = "postprocess"
+
+PROGRESSION = "hemorrhage_progression"  # two visits of one eye: registration + change report (issue 22)
 
 MAX_BATCH_SIZE = 16  # photos per request, and the unet's largest dynamic batch
 WORKING_SIZE = 640  # side of the square working grid, pixels
@@ -50,6 +57,17 @@ QUALITY = "QUALITY"  # {"gradable", "reasons", "exposure_gain"} JSON per photo; 
 THRESHOLD = "THRESHOLD"
 MODEL_VERSION = "MODEL_VERSION"
 PROBABILITY_PNG = "PROBABILITY_PNG"
+
+# hemorrhage_progression's tensors: pairs of photos in, both visits' answers and the change report out.
+BASELINE = "BASELINE"
+FOLLOW_UP = "FOLLOW_UP"
+BASELINE_MASK = "BASELINE_MASK"
+FOLLOW_UP_MASK = "FOLLOW_UP_MASK"
+BASELINE_LESIONS = "BASELINE_LESIONS"
+FOLLOW_UP_LESIONS = "FOLLOW_UP_LESIONS"
+CHANGE_REPORT = "CHANGE_REPORT"
+# Pairs per progression request: both photos of every pair go to the ensemble in one request of <= MAX_BATCH_SIZE.
+MAX_PAIRS = MAX_BATCH_SIZE // 2
 
 # Request parameters of postprocess: also return PROBABILITY (round(255 p) as a PNG at the photo's size); or
 # (false) leave MASK empty, for a client that asked for LESIONS only (the client library sets it from the outputs

@@ -35,6 +35,9 @@ _HEADERS = {
                     "a photo ungradable by QUALITY gets an empty mask and status \"ungradable\"."],
     c.ROUTER: ["Picks the unet version of each request (pin, sticky routing_key, traffic split) and calls it (BLS);",
                "same outputs as unet (fundus_hemorrhage.routing). Change the split with fundus_hemorrhage_ops.serving.traffic."],
+    c.PROGRESSION: ["Two visits of one eye: BASELINE and FOLLOW_UP photos [N, 1] (N <= MAX_PAIRS); both go to the",
+                    "ensemble in one BLS request; registration (fundus_hemorrhage.registration) and the change report",
+                    "(fundus_hemorrhage.progression): both masks, both lesion reports and CHANGE_REPORT (JSON) out."],
     "cpu": ["U-Net on the CPU: ONNX Runtime inside the Python backend (the pip-installed Triton has no",
             "onnxruntime backend). build_engines.py --target tensorrt writes the GPU variant (tensorrt_plan)."],
     "tensorrt": ["U-Net on the GPU: a TensorRT FP16 plan (model.plan), written by build_engines.py --target tensorrt.",
@@ -129,6 +132,19 @@ def router_config(working_size: int = c.WORKING_SIZE, *, traffic: str = "", shad
                      "parameters": parameters})
 
 
+def progression_config(instances: int = 1, threads: int = c.STEP_THREADS) -> ModelConfig:
+    """The `hemorrhage_progression` model (Python backend): pairs of photos -> both visits' answers and the change
+    report. One instance: each request's registration already uses `threads` threads, and the ensemble's steps
+    take the rest of the machine."""
+    return _message({"name": c.PROGRESSION, "backend": "python", "max_batch_size": c.MAX_PAIRS,
+                     "input": [_tensor(n, STRING, [1]) for n in (c.BASELINE, c.FOLLOW_UP)],
+                     "output": [_tensor(n, STRING, [1]) for n in (c.BASELINE_MASK, c.FOLLOW_UP_MASK,
+                                                                  c.BASELINE_LESIONS, c.FOLLOW_UP_LESIONS,
+                                                                  c.CHANGE_REPORT)],
+                     "instance_group": [{"kind": pb.ModelInstanceGroup.KIND_CPU, "count": instances}],
+                     "parameters": {"threads": threads}})
+
+
 def unet_config(target: str = "cpu", working_size: int = c.WORKING_SIZE, max_batch_size: int = c.MAX_BATCH_SIZE, *,
                 max_queue_delay_us: int = 2000, intra_op_threads: int = 2, instances: int = 1) -> ModelConfig:
     """The `unet` model: Python backend + ONNX Runtime (cpu) or a TensorRT plan (tensorrt).
@@ -206,7 +222,8 @@ def repository_configs(unet_target_: str = "cpu") -> dict[str, tuple[ModelConfig
             c.PREPROCESS: (preprocess_config(), _HEADERS[c.PREPROCESS]),
             c.SEGMENTATION_MODEL: (unet_config(unet_target_), _HEADERS[unet_target_]),
             c.ROUTER: (router_config(), _HEADERS[c.ROUTER]),
-            c.POSTPROCESS: (postprocess_config(), _HEADERS[c.POSTPROCESS])}
+            c.POSTPROCESS: (postprocess_config(), _HEADERS[c.POSTPROCESS]),
+            c.PROGRESSION: (progression_config(), _HEADERS[c.PROGRESSION])}
 
 
 def unet_header(target: str) -> list[str]:

@@ -138,9 +138,15 @@ def legend_lines(report: dict) -> list[tuple[tuple[int, int, int] | None, str]]:
 
 def draw_legend(image: np.ndarray, report: dict) -> None:
     """The legend box in the photo's top-left corner (outside the round field of view on most cameras)."""
-    scale = max(0.5, image.shape[1] / 3500)
+    draw_legend_rows(image, legend_lines(report))
+
+
+def draw_legend_rows(image: np.ndarray, rows: list[tuple[tuple[int, int, int] | None, str]],
+                     width_per_scale: float = 3500) -> None:
+    """A legend box of (swatch colour or None, text) rows in the image's top-left corner, on a darkened
+    background; text scaled to the image's width / `width_per_scale`."""
+    scale = max(0.5, image.shape[1] / width_per_scale)
     thickness = max(1, int(round(scale * 2)))
-    rows = legend_lines(report)
     line = int(cv2.getTextSize("Ag", cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][1] * 2.0)
     width = max(cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][0] for _, t in rows) + 3 * line
     height = line * len(rows) + line // 2

@@ -56,6 +56,27 @@ the segmentation found in each photo; distances and areas assume a disc diameter
 </tr>
 {% endfor %}
 </table>
+{% if comparisons %}
+<h2>Comparisons between visits</h2>
+<p class="note">Follow-up registered to the baseline; only the field both photos show is compared. New lesions
+yellow, resolved cyan, enlarged orange, shrunk blue, unchanged white.</p>
+<table id="comparisons">
+<tr><th>Baseline / follow-up</th><th>Difference</th><th>Changes</th><th>Compared field</th><th>Findings</th></tr>
+{% for row in comparisons %}
+<tr class="comparison" data-name="{{ row.name }}">
+<td>{{ row.baseline }}<br>{{ row.follow_up }}<br>
+{% if not row.ok %}<span class="failed">NOT COMPARED: {{ row.status }}: {{ row.reason }}</span><br>{% endif %}
+{% for kind, href in row.links %}<a href="{{ href }}">{{ kind }}</a> {% endfor %}</td>
+<td>{% if row.thumb %}<a href="{{ row.picture }}"><img class="thumb" src="{{ row.thumb }}"
+  alt="difference picture of {{ row.name }}"></a>{% endif %}</td>
+<td>{% if row.summary %}<table class="zones">{% for name, n in row.summary %}
+<tr><th>{{ name }}</th><td class="n">{{ n }}</td></tr>{% endfor %}</table>{% endif %}</td>
+<td>{{ row.overlap }}</td>
+<td>{{ row.findings }}</td>
+</tr>
+{% endfor %}
+</table>
+{% endif %}
 </body>
 </html>
 """
@@ -88,15 +109,41 @@ def page_row(row: dict) -> dict:
     }
 
 
-def render_index(rows: list[dict]) -> str:
-    """The page's HTML for the photos' rows (see `page_row`)."""
+def comparison_row(row: dict) -> dict:
+    """The template's view of one pair. `row`: name, baseline, follow_up (photo names), change (the change
+    report), files (kind -> file name: side_by_side, difference, difference_thumb, change)."""
+    change, files = row.get("change") or {}, row.get("files") or {}
+    registration = change.get("registration") or {}
+    findings = change.get("findings") or {}
+    near = findings.get("lesions_within_1dd_of_fovea") or {}
+    rule = findings.get("rule_4_2_1_hemorrhage_criterion_met") or {}
+    overlap = (change.get("compared_field") or {}).get("overlap_fraction")
+    return {
+        "name": row["name"], "baseline": row["baseline"], "follow_up": row["follow_up"],
+        "ok": change.get("status") == "ok", "status": registration.get("status", change.get("status", "error")),
+        "reason": registration.get("reason") or change.get("error") or "",
+        "links": [(kind.replace("_", " "), _href(files[kind])) for kind in ("side_by_side", "difference", "change")
+                  if kind in files],
+        "thumb": _href(files["difference_thumb"]) if "difference_thumb" in files else None,
+        "picture": _href(files.get("difference", "")),
+        "summary": list((change.get("summary") or {}).items()) or None,
+        "overlap": f"{overlap:.0%} of the baseline's field" if overlap is not None else "-",
+        "findings": (f"within 1 DD of the fovea: {near['baseline']['count']} -> {near['follow_up']['count']}; "
+                     f"4-2-1 haemorrhage criterion: {'met' if rule.get('baseline') else 'not met'} -> "
+                     f"{'met' if rule.get('follow_up') else 'not met'}") if near and rule else "",
+    }
+
+
+def render_index(rows: list[dict], comparisons: list[dict] = ()) -> str:
+    """The page's HTML for the photos' rows (see `page_row`) and the pairs compared (see `comparison_row`)."""
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
     return env.from_string(TEMPLATE).render(rows=[page_row(r) for r in rows], thumb_width=THUMBNAIL_WIDTH,
-                                            failed=sum(not r["ok"] for r in rows))
+                                            failed=sum(not r["ok"] for r in rows),
+                                            comparisons=[comparison_row(r) for r in comparisons])
 
 
-def write_index(folder: Path, rows: list[dict]) -> Path:
+def write_index(folder: Path, rows: list[dict], comparisons: list[dict] = ()) -> Path:
     """Write folder/index.html (atomically) and return its path. Raises OSError when it cannot be written."""
     path = Path(folder) / "index.html"
-    write_atomically(path, render_index(rows))
+    write_atomically(path, render_index(rows, comparisons))
     return path

@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 import pytest
 from pydicom.sr.codedict import codes as sr_codes
-from conftest import free_ports, make_client
+from conftest import free_ports, make_client, start_server, stop_server
 from dicom_helpers import (ct_image, dciodvfy_errors, download, grey_colour_op, monochrome_op, multiframe_op,
                            new_study, op_truncated_jpeg, op_without_pixels, sample_jpeg, start_gateway,
                            wait_for_outputs)
@@ -247,17 +247,29 @@ def test_orthanc_restarted_mid_burst_loses_and_duplicates_nothing(orthanc, gatew
     assert any("retrying change" in line and "Orthanc at" in line for line in gateway.log().splitlines())
 
 
-def tritonserver_of(triton_server) -> psutil.Process:
-    children = psutil.Process(triton_server.process.pid).children(recursive=True)
+def tritonserver_of(server) -> psutil.Process:
+    children = psutil.Process(server.process.pid).children(recursive=True)
     return next(p for p in children if p.name() == "tritonserver")
 
 
-def test_triton_killed_mid_burst_loses_and_duplicates_nothing(orthanc, gateway, triton_server):
-    studies = burst(orthanc, 4, 0)
-    wait_until(lambda: done_count(orthanc, studies) >= 1, 120, "the first result")
-    os.kill(tritonserver_of(triton_server).pid, signal.SIGKILL)  # serve.py starts it again
-    assert_exactly_once(orthanc, studies, gateway, timeout=300)
-    assert any("retrying change" in line and "Triton" in line for line in gateway.log().splitlines())
+def test_triton_killed_mid_burst_loses_and_duplicates_nothing(tmp_path):
+    """On a Triton, Orthanc and gateway of its own, so the session's server is not disturbed: tritonserver is
+    killed after the first result, serve.py starts it again, the gateway waits and goes on."""
+    server = start_server(tmp_path)
+    http, dicom = free_ports(2)
+    own_orthanc = start_orthanc(tmp_path / "orthanc", http, dicom, stable_age=1)
+    own_gateway = Gateway(own_orthanc, server.grpc_url, tmp_path)
+    try:
+        studies = burst(own_orthanc, 4, 0)
+        wait_until(lambda: done_count(own_orthanc, studies) >= 1, 120, "the first result")
+        os.kill(tritonserver_of(server).pid, signal.SIGKILL)  # serve.py starts it again
+        assert done_count(own_orthanc, studies) < len(studies)
+        assert_exactly_once(own_orthanc, studies, own_gateway, timeout=300)
+        assert any("retrying change" in line and "Triton" in line for line in own_gateway.log().splitlines())
+    finally:
+        own_gateway.process.stop()
+        own_orthanc.stop()
+        stop_server(server)
 
 
 def test_cstore_from_a_peer_not_allowed_is_refused(tmp_path):

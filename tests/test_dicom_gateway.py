@@ -6,6 +6,7 @@ Then the faults: the gateway killed mid-burst, Orthanc killed and restarted mid-
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -27,6 +28,7 @@ from fundus_hemorrhage_dicom import codes as c
 from fundus_hemorrhage_dicom.camera import op_from_jpeg, to_bytes
 from fundus_hemorrhage_dicom.ids import output_uid
 from fundus_hemorrhage_dicom.pacs import start_orthanc
+from fundus_hemorrhage_dicom.results import outputs_for
 from fundus_hemorrhage_dicom.seg import mask_from_png
 from fundus_hemorrhage_dicom.send import c_store, outputs_of, stow_rs, study_ids, study_instances
 from fundus_hemorrhage_dicom.source import read_photo
@@ -284,3 +286,31 @@ def test_cstore_from_a_peer_not_allowed_is_refused(tmp_path):
         assert "refused C-STORE from 127.0.0.1" in closed.log_path.read_text(errors="replace")
     finally:
         closed.stop()
+
+
+def without_retinal_frame(report: dict) -> dict:
+    """The report as the service writes it when the disc or the fovea is not found (README: zone fields null)."""
+    out = json.loads(json.dumps(report))
+    out.update(optic_disc=None, fovea=None, scale=None, retinal_quadrants=None, etdrs=None, findings=None,
+               eye={"laterality": "unknown", "method": None})
+    for lesion in out["lesions"]:
+        lesion.update(distance_to_fovea_dd=None, distance_to_fovea_um=None, area_mm2=None, retinal_quadrant=None,
+                      etdrs_subfield=None)
+    return out
+
+
+def test_sr_without_a_retinal_frame_gives_pixels_and_no_zones(triton_server, tmp_path):
+    photo = read_photo(to_bytes(op_from_jpeg(sample_jpeg(0, BURST_WIDTH), new_study(), "L")))
+    result = served(triton_server, [photo.image_bytes])[0]
+    assert result.ok and result.report["lesions"]
+    result.report = without_retinal_frame(result.report)
+    seg, sr, overlay = outputs_for(photo, result).datasets
+    got = sr_numbers(sr)
+    assert got["values"][c.NUMBER_OF_LESIONS.value] == len(result.report["lesions"])
+    assert c.AREA.value not in got["values"] and c.LESIONS_WITHIN_1DD.value not in got["values"]
+    assert c.RULE_4_2_1.value not in got["codes"]
+    assert got["codes"][c.LATERALITY_CHECK.value] == c.LATERALITY_NOT_CHECKED.value
+    assert [les[c.AREA.value] for les in got["lesions"]] == [les["area_px"] for les in result.report["lesions"]]
+    assert all(c.ETDRS_SUBFIELD.value not in les and c.DISTANCE_TO_FOVEA.value not in les for les in got["lesions"])
+    for ds in (seg, sr, overlay):
+        assert dciodvfy_errors(ds, tmp_path) == []

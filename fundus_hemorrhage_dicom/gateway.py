@@ -35,11 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fundus_hemorrhage import client as service
+from fundus_hemorrhage.client import one_line
 from fundus_hemorrhage.contract import MAX_BATCH_SIZE
 from fundus_hemorrhage.files import write_atomically
 
 from .codes import MANUFACTURER
-from .orthanc import Orthanc, OrthancUnavailable
+from .orthanc import Orthanc, OrthancError, OrthancUnavailable
 from .results import ServiceRefused, outputs_for, software_version, to_part10
 from .source import Refused, read_photo
 
@@ -80,6 +81,7 @@ class Settings:
     backoff_max: float = 30.0
     request_timeout: float = 300.0  # seconds one ensemble request may take
     batch_size: int = MAX_BATCH_SIZE
+    tries_per_change: int = 5  # unexpected errors (not outages) before a change is passed, with an ERROR line
 
 
 class Gateway:
@@ -90,6 +92,7 @@ class Gateway:
         self.stopping = threading.Event()
         self.version = software_version()
         self._client = None
+        self.in_progress: tuple[str, object] | None = None  # what step() is on: ("change", seq) or a pending study
 
     # -- Triton
     def client(self):
@@ -153,6 +156,9 @@ class Gateway:
             except Refused as exc:
                 self.refuse(instance_id, name, str(exc))
                 continue
+            except Exception as exc:  # a file that trips pydicom in a way read_photo does not foresee
+                self.refuse(instance_id, name, f"cannot be read: {type(exc).__name__}: {one_line(exc)}")
+                continue
             photos.append((instance_id, f"instance {photo.sop_instance_uid} of study {study_id}", photo))
         done = 0
         for start in range(0, len(photos), self.settings.batch_size):
@@ -165,12 +171,21 @@ class Gateway:
     def store_outputs(self, instance_id: str, name: str, photo, result) -> int:
         try:
             outputs = outputs_for(photo, result, self.version)
-        except (ServiceRefused, ValueError) as exc:
+        except ServiceRefused as exc:
             self.refuse(instance_id, name, str(exc))
+            return 0
+        except Exception as exc:  # highdicom refusing a value: this photo's outputs only, never the study's
+            log.exception("%s: building the DICOM outputs failed", name)
+            self.refuse(instance_id, name, f"the DICOM outputs could not be built: {type(exc).__name__}: "
+                                           f"{one_line(exc)}")
             return 0
         stored = []
         for ds in outputs.datasets:
-            answer = self.orthanc.store(to_part10(ds))
+            try:
+                answer = self.orthanc.store(to_part10(ds))
+            except OrthancError as exc:  # Orthanc refused this instance (4xx): say so, keep the others
+                self.refuse(instance_id, name, f"Orthanc refused its {ds.Modality}: {exc}")
+                return 0
             stored.append(f"{ds.Modality}={ds.SOPInstanceUID} ({answer.get('Status')})")
         for note in outputs.notes:
             log.warning("%s: %s", name, note)
@@ -193,6 +208,7 @@ class Gateway:
     def check_pending(self) -> None:
         """Pending studies Orthanc calls stable (e.g. their timer was lost in an Orthanc restart)."""
         for study_id in list(self.state.pending):
+            self.in_progress = ("pending study", study_id)
             study = self.orthanc.study(study_id)
             if study is None or study.get("IsStable"):
                 if study is not None:
@@ -204,6 +220,7 @@ class Gateway:
         """One page of /changes (or the pending check when there is none); True when there was something new."""
         changes, done, last = self.orthanc.changes(self.state.last_change)
         for change in changes:
+            self.in_progress = ("change", change.seq)
             self.handle(change)
             self.state.last_change = change.seq
             self.state.save()
@@ -214,9 +231,20 @@ class Gateway:
             self.check_pending()
         return not done or bool(changes)
 
+    def give_up(self) -> None:
+        """Passes what failed `tries_per_change` times (a change, or a pending study), with an ERROR line."""
+        kind, key = self.in_progress or ("change", self.state.last_change + 1)
+        log.error("passing %s %s after %d failed tries: its study needs a look", kind, key,
+                  self.settings.tries_per_change)
+        if kind == "change":
+            self.state.last_change = max(self.state.last_change, int(key))
+        elif key in self.state.pending:
+            self.state.pending.remove(key)
+        self.state.save()
+
     def run(self) -> None:
         """Until `stopping` is set: poll, process, back off while Orthanc or Triton is away."""
-        delay = self.settings.backoff_start
+        delay, failures = self.settings.backoff_start, 0
         log.info("gateway %s: Orthanc %s, Triton %s (gRPC), from change %d", self.version,
                  self.settings.orthanc_url, self.settings.triton_url, self.state.last_change)
         while not self.stopping.is_set():
@@ -228,6 +256,16 @@ class Gateway:
                 self.stopping.wait(delay)
                 delay = min(delay * 2, self.settings.backoff_max)
                 continue
+            except Exception:  # a bug or an answer nobody foresaw: retried, then passed, never a crash loop
+                failures += 1
+                log.exception("%s %s failed (%d of %d tries)", *(self.in_progress or ("change", "?")), failures,
+                              self.settings.tries_per_change)
+                if failures >= self.settings.tries_per_change:
+                    self.give_up()
+                    failures = 0
+                self.stopping.wait(delay)
+                continue
+            failures = 0
             if not busy:
                 self.stopping.wait(self.settings.poll_interval)
 

@@ -80,7 +80,13 @@ def read_photo(data: bytes) -> SourcePhoto:
         raise Refused(f"not a readable DICOM file: {' '.join(str(exc).split())[:200]}") from None
     if "SOPClassUID" not in ds:  # pydicom gives an empty dataset for a file cut inside its pixel data
         raise Refused("not a readable DICOM file: no SOP Class UID (truncated or empty)")
-    check_kind(ds)
+    try:
+        check_kind(ds)
+    except Refused:
+        raise
+    except Exception as exc:  # e.g. NumberOfFrames "abc": pydicom keeps the bad value, int() refuses it
+        raise Refused(f"unreadable image attributes: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") \
+            from None
     if "PixelData" not in ds:
         raise Refused("no pixel data")
     ts = str(ds.file_meta.TransferSyntaxUID)

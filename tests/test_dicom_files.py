@@ -18,7 +18,7 @@ from pydicom.sr.codedict import codes
 
 from fundus_hemorrhage_dicom import codes as c
 from fundus_hemorrhage_dicom import pacs
-from fundus_hemorrhage_dicom.gateway import State
+from fundus_hemorrhage_dicom.gateway import Gateway, Settings, State
 from fundus_hemorrhage_dicom.camera import op_from_jpeg, to_bytes
 from fundus_hemorrhage_dicom.ids import output_uid
 from fundus_hemorrhage_dicom.seg import build_seg, single_frame_stand_in
@@ -159,3 +159,24 @@ def test_gateway_state_survives_a_restart(tmp_path):
     again = State.load(tmp_path / "state.json")
     assert (again.last_change, again.pending) == (41, ["abc"])
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary file left
+
+
+def test_bad_attribute_values_are_refused_not_raised(jpeg):
+    data = to_bytes(op_from_jpeg(jpeg, new_study(), transfer_syntax="explicit"))
+    element = b"\x28\x00\x08\x00IS\x02\x001 "  # NumberOfFrames "1 ", explicit VR little endian
+    assert data.count(element) == 1
+    with pytest.raises(Refused, match="unreadable image attributes: ValueError"):
+        read_photo(data.replace(element, element[:-2] + b"ab"))  # as a damaged camera file would carry it
+
+
+def test_a_change_that_keeps_failing_is_passed_with_its_pending_study(tmp_path):
+    """After tries_per_change unexpected failures the gateway passes that change (or drops that pending study)
+    instead of retrying it for ever; an outage never counts (it is retried, run() does not call give_up)."""
+    gateway = Gateway(Settings(orthanc_url="http://127.0.0.1:9", state_dir=tmp_path))
+    gateway.state.last_change, gateway.state.pending = 7, ["s1", "s2"]
+    gateway.in_progress = ("change", 9)
+    gateway.give_up()
+    gateway.in_progress = ("pending study", "s1")
+    gateway.give_up()
+    again = State.load(tmp_path / "state.json")
+    assert (again.last_change, again.pending) == (9, ["s2"])

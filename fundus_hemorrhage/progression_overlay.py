@@ -5,7 +5,8 @@ both masks and reports, and the change report.
     difference_picture the follow-up registered onto the baseline (the change report's transform) as a two-colour
                        composite (baseline green channel in magenta, follow-up's in green: where they agree the
                        vessels are grey, a misregistration shows as coloured fringes), with each change outlined:
-                       new lesions yellow, resolved cyan, enlarged orange, shrunk blue, unchanged white
+                       new lesions yellow, resolved cyan, enlarged orange, shrunk blue, unchanged white,
+                       uncertain grey
 
 Pictures are drawn at `scale` of the baseline's size (default 1/2), enough to see lesions of 0.01 mm2 (~600 px).
 """
@@ -19,9 +20,7 @@ from .overlay import draw_legend_rows, draw_overlay, stroke
 from .registration import Transform
 
 CHANGE_BGR = {"new": (0, 255, 255), "resolved": (255, 255, 0), "enlarged": (0, 140, 255), "shrunk": (255, 90, 0),
-              "unchanged": (255, 255, 255)}
-CHANGE_LABELS = {"new": "new", "resolved": "resolved", "enlarged": "enlarged", "shrunk": "shrunk",
-                 "unchanged": "unchanged"}
+              "unchanged": (255, 255, 255), "uncertain": (160, 160, 160)}
 
 
 def lesion_contours(mask: np.ndarray, report: dict) -> dict[int, list[np.ndarray]]:
@@ -89,7 +88,7 @@ def difference_picture(baseline: np.ndarray, follow_up: np.ndarray, baseline_mas
     summary = change_report.get("summary") or {}
     overlap = (change_report.get("compared_field") or {}).get("overlap_fraction")
     rows = [(None, "baseline magenta, follow-up green (registered)")]
-    rows += [(CHANGE_BGR[k], f"{CHANGE_LABELS[k]}: {summary.get(k, 0)}") for k in CHANGE_BGR]
+    rows += [(CHANGE_BGR[k], f"{k}: {summary.get(k, 0)}") for k in CHANGE_BGR]
     if overlap is not None:
         rows.append((None, f"compared field: {overlap:.0%} of the baseline's"))
     draw_legend_rows(out, rows, width_per_scale=2400)

@@ -39,7 +39,7 @@ from fundus_hemorrhage.progression import AREA_CHANGE, Visit, change_report
 from fundus_hemorrhage_ops.local_server import MODEL_REPOSITORY, REPO_ROOT
 from fundus_hemorrhage_perf.common import relative
 from fundus_hemorrhage_perf.synthetic_pairs import (Capture, WarpSpec, add_lesion, capture, control_points,
-                                                    lesion_patch, make_transform, remove_lesions, warp_to_follow_up)
+                                                    fit_aperture, lesion_patch, make_transform, remove_lesions, warp_to_follow_up)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THRESHOLDS = np.linspace(0, 25, 101)
@@ -61,20 +61,6 @@ def random_visit(rng: np.random.Generator, index: int) -> tuple[WarpSpec, Captur
                   float(rng.uniform(0, 3)), int(rng.integers(80, 96)),
                   float(rng.uniform(0.6, 0.8)) if index % 4 == 3 else 1.0)
     return spec, cap
-
-
-def fit_aperture(truth: reg.Transform, size, baseline_fov) -> float:
-    """The follow-up's own field (radius in half-widths) that stays inside the baseline's: a second visit's
-    field is retina everywhere, and this scene has none beyond the baseline's field."""
-    cx, cy, r = baseline_fov
-    a = np.linspace(0, 2 * math.pi, 72, endpoint=False)
-    for aperture in np.arange(0.96, 0.5, -0.02):
-        rim = np.c_[size[0] / 2 + aperture * size[0] / 2 * np.cos(a), size[1] / 2 + aperture * size[0] / 2 * np.sin(a)]
-        inside = (rim[:, 1] < 0) | (rim[:, 1] >= size[1])  # beyond the frame: clipped anyway, as on the baseline
-        q = truth.apply(rim)
-        if (inside | ((q[:, 0] - cx) ** 2 + (q[:, 1] - cy) ** 2 <= (0.98 * r) ** 2)).all():
-            return float(aperture)
-    return 0.5
 
 
 def read_mask(masks: Path | None, stem: str) -> np.ndarray | None:
@@ -198,8 +184,15 @@ def evaluate_pair(pipeline, rng, index, path: Path, masks, donors, tolerance_wp=
         removed = remove_lesions(scene, truth_mask, pick, labels, stats)
     added = place(rng, scene, truth_mask, donors.draw(rng, path.name, 3), baseline_result.report, inverse, size,
                   cap.aperture * size[0] / 2)
-    follow_bytes = capture(warp_to_follow_up(scene, truth, size), cap, rng)
-    follow_result = pipeline([follow_bytes], with_probability=True)[0]
+    warped = warp_to_follow_up(scene, truth, size)
+    recaptured = 0
+    for recaptured in range(3):  # an ungradable photo is taken again, as in a clinic: milder each time
+        follow_bytes = capture(warped, cap, rng)
+        follow_result = pipeline([follow_bytes], with_probability=True)[0]
+        if follow_result.report.get("status") != "ungradable":
+            break
+        cap.gains, cap.gamma = tuple(0.5 + 0.5 * g for g in cap.gains), 0.5 + 0.5 * cap.gamma
+        cap.gradient, cap.blur_sigma = (cap.gradient[0] / 2, cap.gradient[1] / 2), cap.blur_sigma / 2
     start = time.perf_counter()
     registration = reg.register(data, follow_bytes)
     seconds = time.perf_counter() - start
@@ -236,7 +229,7 @@ def evaluate_pair(pipeline, rng, index, path: Path, masks, donors, tolerance_wp=
     unchanged_ratios = [e["area_ratio"] for e in entries if e["change"] in ("unchanged", "enlarged", "shrunk")
                         and hits(e["centroid_baseline"], added + removed, tolerance) is None]
     return {
-        "photo": path.name, "warp": spec.kind, "camera": "other" if cap.size_factor != 1.0 else "same",
+        "photo": path.name, "warp": spec.kind, "recaptured": recaptured, "camera": "other" if cap.size_factor != 1.0 else "same",
         "status": report["registration"]["status"], "reason": report["registration"].get("reason"),
         "model": registration.transform.kind if registration.transform is not None else None,
         "error_px": error, "inliers": registration.inliers, "confidence": registration.confidence,
@@ -299,7 +292,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name}: {s['pairs']} | {s['median_px']:.3f} | {s['mean_px_of_registered'] or float('nan'):.3f}"
                      f" | {s['p95_px']:.3f} | {s['success_rate_25px']:.1%} | {s['auc_0_25px']:.3f} |")
     lines += ["", f"Registration time per pair (both photos' keypoints + fit): median {r['seconds_median']:.2f} s, "
-              f"max {r['seconds_max']:.2f} s. Failures: {r['failures'] or 'none'}.", "",
+              f"max {r['seconds_max']:.2f} s. Failures: {r['failures'] or 'none'}. Follow-ups taken again because "
+              f"the quality gate refused the first capture: {r['recaptured']}.", "",
               "## Change detection (through the unet's masks)", "",
               f"- added lesions >= {NEW_LESION_MM2} mm2: {c['added_large']}, reported new {c['added_large_new']} "
               f"(sensitivity {c['sensitivity_large']:.1%}); segmented at all in the follow-up {c['added_large_segmented']}",
@@ -362,6 +356,7 @@ def main(argv=None) -> int:
         "wall_s": round(time.perf_counter() - start, 1),
         "registration": {"all": fire_summary(errors),
                          "by_group": {k: fire_summary(v) for k, v in sorted(groups.items())},
+                         "recaptured": sum(p["recaptured"] > 0 for p in pairs),
                          "seconds_median": float(np.median(seconds)), "seconds_max": float(np.max(seconds)),
                          "failures": [f"{p['photo']}: {p['status']} ({p['reason']})" for p in pairs
                                       if p["status"] != reg.OK]},

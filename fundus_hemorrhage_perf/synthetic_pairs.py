@@ -112,6 +112,20 @@ def capture(image: np.ndarray, cap: Capture, rng: np.random.Generator) -> bytes:
     return data.tobytes()
 
 
+def fit_aperture(truth: Transform, size, baseline_fov) -> float:
+    """The follow-up's own field (radius in half-widths) that stays inside the baseline's: a second visit's
+    field is retina everywhere, and this scene has none beyond the baseline's field."""
+    cx, cy, r = baseline_fov
+    a = np.linspace(0, 2 * math.pi, 72, endpoint=False)
+    for aperture in np.arange(0.96, 0.5, -0.02):
+        rim = np.c_[size[0] / 2 + aperture * size[0] / 2 * np.cos(a), size[1] / 2 + aperture * size[0] / 2 * np.sin(a)]
+        inside = (rim[:, 1] < 0) | (rim[:, 1] >= size[1])  # beyond the frame: clipped anyway, as on the baseline
+        q = truth.apply(rim)
+        if (inside | ((q[:, 0] - cx) ** 2 + (q[:, 1] - cy) ** 2 <= (0.98 * r) ** 2)).all():
+            return float(aperture)
+    return 0.5
+
+
 def control_points(transform: Transform, baseline_fov: tuple[float, float, float], follow_up_size: tuple[int, int],
                    rng: np.random.Generator, n: int = 10, aperture: float = 0.96) -> np.ndarray:
     """n follow-up points [n, 2], uniform in the part of the follow-up's field whose baseline place lies in the

@@ -13,8 +13,8 @@ from fundus_hemorrhage import client as service
 from fundus_hemorrhage import contract as c
 from fundus_hemorrhage.progression_client import compare, infer_pairs
 from fundus_hemorrhage.registration import Transform
-from fundus_hemorrhage_perf.synthetic_pairs import Capture, WarpSpec, capture, control_points, make_transform, \
-    warp_to_follow_up
+from fundus_hemorrhage_perf.synthetic_pairs import Capture, WarpSpec, capture, control_points, fit_aperture, \
+    make_transform, warp_to_follow_up
 from tests.conftest import SAMPLES, make_client
 
 PHOTO = SAMPLES / "IDRiD_04.jpg"
@@ -26,8 +26,8 @@ def second_visit():
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     h, w = image.shape[:2]
     truth = make_transform(WarpSpec("homography", 5.0, 1.03, (180.0, -120.0), (0.01, -0.01)), (w, h), (w, h))
-    follow = capture(warp_to_follow_up(image, truth, (w, h)), Capture((0.95, 1.05, 1.1), 1.1, (0.1, -0.1), 1.0, 2.0),
-                     np.random.default_rng(0))
+    cap = Capture((0.95, 1.05, 1.1), 1.1, (0.1, -0.1), 1.0, 2.0, aperture=fit_aperture(truth, (w, h), (2144, 1424, 1900)))
+    follow = capture(warp_to_follow_up(image, truth, (w, h)), cap, np.random.default_rng(0))
     return data, follow, truth, image
 
 
@@ -43,7 +43,8 @@ def test_a_second_visit_is_registered_and_compared(triton_server, second_visit):
     transform = Transform.from_report(report["registration"]["transform"])
     points = control_points(truth, (2144.0, 1424.0, 1900.0), (4288, 2848), np.random.default_rng(1))
     assert np.linalg.norm(transform.apply(points) - truth.apply(points), axis=1).mean() < 2.0
-    assert set(report["summary"]) == {"new", "resolved", "enlarged", "shrunk", "unchanged"}
+    assert set(report["summary"]) == {"new", "resolved", "enlarged", "shrunk", "unchanged", "uncertain"}
+    assert report["summary"]["new"] == 0  # nothing was added: the same retina, captured again
     assert report["compared_field"]["overlap_fraction"] > 0.7
     # The zone tables are the single-visit reports' lesions in the compared field, counted by their own zones.
     field = report["compared_field"]
@@ -93,3 +94,24 @@ def test_a_malformed_request_is_refused_and_the_server_keeps_serving(triton_serv
     assert b'"unreadable"' in result.as_numpy(c.CHANGE_REPORT)[0, 0]
     (ok,) = service.segment(client, "grpc", [(SAMPLES / "IDRiD_11.jpg").read_bytes()])
     assert ok.ok
+
+
+def test_segment_py_compare_writes_the_pictures_and_the_index_page(triton_server, second_visit, tmp_path):
+    import segment
+
+    data, follow, _, _ = second_visit
+    baseline_path, follow_path = tmp_path / "visit1.jpg", tmp_path / "visit2.jpg"
+    baseline_path.write_bytes(data)
+    follow_path.write_bytes(follow)
+    out = tmp_path / "out"
+    assert segment.main(["--compare", str(baseline_path), str(follow_path), "--output", str(out),
+                         "--url", triton_server.grpc_url]) == 0
+    for name in ("visit1_vs_visit2_change.json", "visit1_vs_visit2_side_by_side.jpg",
+                 "visit1_vs_visit2_difference.png", "visit1_vs_visit2_difference_thumb.jpg",
+                 "visit1_overlay.png", "visit2_mask.png"):
+        assert (out / name).is_file(), name
+    difference = cv2.imread(str(out / "visit1_vs_visit2_difference.png"))
+    assert difference.shape[:2] == (1424, 2144)  # half the baseline's size
+    page = (out / "index.html").read_text()
+    assert 'id="comparisons"' in page and 'data-name="visit1_vs_visit2"' in page
+    assert "visit1_vs_visit2_difference.png" in page

@@ -29,7 +29,8 @@ and once per run index.html: every photo with its thumbnail, counts per zone and
 compares visits of one eye (model hemorrhage_progression): PATHs are photo files taken as pairs, in order. Each
 photo gets the files above, and each pair (<name> = <baseline stem>_vs_<follow-up stem>) gets <name>_change.json
 (the change report), <name>_side_by_side.jpg (both overlays), <name>_difference.png (the follow-up registered onto
-the baseline, two colours, new lesions yellow, resolved cyan, enlarged orange, shrunk blue) and a section of
+the baseline, two colours: magenta darker at follow-up; new lesions yellow, resolved cyan, enlarged orange,
+shrunk blue) and a section of
 index.html. Exit status 1 when a pair could not be compared (its reason is printed and in its report).
 Pixels follow the photo as stored: EXIF orientation is reported in the JSON, not applied.
 

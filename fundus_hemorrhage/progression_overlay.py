@@ -3,8 +3,9 @@ both masks and reports, and the change report.
 
     side_by_side       the two visits' overlays (fundus_hemorrhage.overlay), same height, labelled
     difference_picture the follow-up registered onto the baseline (the change report's transform) as a two-colour
-                       composite (baseline green channel in magenta, follow-up's in green: where they agree the
-                       vessels are grey, a misregistration shows as coloured fringes), with each change outlined:
+                       composite (baseline green channel in red and blue, follow-up's in green: where they agree
+                       the photo is grey, what darkened at the follow-up is magenta, what darkened at the baseline
+                       green, and a misregistration shows as coloured fringes along the vessels), with each change outlined:
                        new lesions yellow, resolved cyan, enlarged orange, shrunk blue, unchanged white,
                        uncertain grey
 
@@ -87,7 +88,7 @@ def difference_picture(baseline: np.ndarray, follow_up: np.ndarray, baseline_mas
                               t if entry["change"] == "new" else max(1, t - 1), cv2.LINE_AA)
     summary = change_report.get("summary") or {}
     overlap = (change_report.get("compared_field") or {}).get("overlap_fraction")
-    rows = [(None, "baseline magenta, follow-up green (registered)")]
+    rows = [(None, "registered; magenta: darker at follow-up, green: darker at baseline")]
     rows += [(CHANGE_BGR[k], f"{k}: {summary.get(k, 0)}") for k in CHANGE_BGR]
     if overlap is not None:
         rows.append((None, f"compared field: {overlap:.0%} of the baseline's"))

@@ -10,7 +10,7 @@ Method: feature-based registration with a homography then a 12-parameter quadrat
 for the retina's curvature (Can, Stewart, Roysam, Tanenbaum, "A feature-based, robust, hierarchical algorithm for
 registering pairs of images of the curved human retina", IEEE TPAMI 24(3):347-364, 2002; used with SIFT-like
 features by Adal et al., "Accuracy assessment of intra- and intervisit fundus image registration for diabetic
-retinopathy screening", IOVS 56(3):1805-1812, 2015, and by RetinaRegNet, Nasser et al. 2024). Keypoint coordinates
+retinopathy screening", IOVS 56(3):1805-1812, 2015, and by RetinaRegNet, 2024). Keypoint coordinates
 are taken to original pixels before any fit, so the transform needs no rescaling afterwards.
 
 Quadratic coefficients, `coefficients` [2][6], monomial order (x^2, x*y, y^2, x, y, 1) as in Can et al.:
@@ -40,7 +40,7 @@ SIFT_FEATURES = 3000
 SIFT_CONTRAST = 0.01  # below OpenCV's 0.04: the CLAHE green channel of a fundus has low-contrast vessel detail
 RATIO = 0.85  # Lowe's ratio test; looser than 0.8 because RANSAC follows and vessel patterns repeat
 RANSAC_PX = 12.0  # inlier distance, original pixels (3 px at 1/4)
-MIN_INLIERS = 25  # fewer: no registration. Pairs of different eyes gave <= 13 (registration-eval.md)
+MIN_INLIERS = 25  # fewer: no registration. Different eyes of one side gave 6-12 (registration-eval.md)
 QUADRATIC_MIN_INLIERS = 60  # 12 parameters: at least 5 inliers per parameter before the quadratic is tried
 MIN_OVERLAP = 0.4  # fraction of the baseline's field of view; below, a visit comparison would miss most of the eye
 FOV_EDGE = 0.94  # keypoints inside this fraction of the field's radius: the rim's bright edge is not anatomy

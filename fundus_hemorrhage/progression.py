@@ -63,6 +63,7 @@ UNCERTAIN_FRACTION = 0.5
 MIN_DARKENING = 0.04
 RING_PX = (2, 6)  # the ring around a lesion, pixels at 1/4 resolution: from 2 to 6 beyond its outline
 OVERLAP_MARGIN = 0.02  # of the field's radius: a lesion cut by either field's edge is not compared
+TRUSTED_CONFIDENCE = 0.5
 CHANGES = ("new", "resolved", "enlarged", "shrunk", "unchanged")
 UNCERTAIN = "uncertain"
 VISITS = ("baseline", "follow_up")
@@ -114,9 +115,22 @@ class Visit:
         return 2.0 * self.fov()[2] / WORKING_SIZE
 
 
+def lateralities_differ(baseline: Visit, follow_up: Visit) -> bool:
+    eyes = [(v.report.get("eye") or {}).get("laterality", "unknown") for v in (baseline, follow_up)]
+    return "unknown" not in eyes and eyes[0] != eyes[1]
+
+
+def trusted(registration: Registration) -> bool:
+    """A registration that overrides a laterality disagreement: the vessel pattern is one eye's own, so a
+    confident fit (confidence >= TRUSTED_CONFIDENCE) means the same eye, and the laterality of one photo was
+    misjudged (on a disc-centred photo it rests on the disc's side alone)."""
+    return registration.ok and registration.confidence >= TRUSTED_CONFIDENCE
+
+
 def refusal(registration: Registration, baseline: Visit, follow_up: Visit) -> tuple[str, str] | None:
     """(status, reason) when the pair cannot be compared, else None; in this order: unreadable, ungradable,
-    different eyes (both lateralities known and different), no registration, too little overlap."""
+    different eyes (both lateralities known and different, unless the registration is `trusted`), no
+    registration, too little overlap."""
     for name, visit in zip(("baseline", "follow-up"), (baseline, follow_up)):
         if visit.status == "error" or visit.mask is None and visit.status == "ok":
             return UNREADABLE, f"{name} photo: {visit.report.get('error') or 'no mask'}"
@@ -124,8 +138,8 @@ def refusal(registration: Registration, baseline: Visit, follow_up: Visit) -> tu
         if visit.status != "ok":
             reasons = ", ".join((visit.report.get("image_quality") or {}).get("reasons") or ["?"])
             return UNGRADABLE, f"{name} photo is ungradable: {reasons}"
-    eyes = [(v.report.get("eye") or {}).get("laterality", "unknown") for v in (baseline, follow_up)]
-    if "unknown" not in eyes and eyes[0] != eyes[1]:
+    if lateralities_differ(baseline, follow_up) and not trusted(registration):
+        eyes = [v.report["eye"]["laterality"] for v in (baseline, follow_up)]
         return DIFFERENT_EYES, f"different eyes: the baseline is a {eyes[0]} eye, the follow-up a {eyes[1]} eye"
     if not registration.ok:
         return registration.status, registration.reason or "registration failed"
@@ -307,6 +321,9 @@ def change_report(baseline: Visit, follow_up: Visit, registration: Registration,
         reg["status"], reg["reason"], reg["transform"] = why[0], why[1], None
         return {**report, "status": "refused", "registration": reg, "summary": None, "lesions": None,
                 "etdrs": None, "retinal_quadrants": None, "findings": None}
+    if lateralities_differ(baseline, follow_up):
+        reg["laterality_note"] = ("the photos' lateralities differ, but the vessel patterns register with confidence "
+                                  f"{registration.confidence:.2f}: compared as one eye")
     return {**report, "status": "ok", "registration": reg, **compare(baseline, follow_up, registration)}
 
 

@@ -36,10 +36,11 @@ from .jpeg import decode_bgr, reduced_size
 from .preprocessing import ImageError, PreprocessConfig, fov_mask, find_field_of_view, read_header
 
 REDUCTION = 4  # decode at 1/4: 4288x2848 -> 1072x712; SIFT keypoints there are located to ~0.3 px (1.2 px original)
+MIN_REDUCED_WIDTH = 900  # smaller photos are decoded at 1/2 or whole: the vessel pattern needs ~1000 px across
 SIFT_FEATURES = 3000
 SIFT_CONTRAST = 0.01  # below OpenCV's 0.04: the CLAHE green channel of a fundus has low-contrast vessel detail
 RATIO = 0.85  # Lowe's ratio test; looser than 0.8 because RANSAC follows and vessel patterns repeat
-RANSAC_PX = 12.0  # inlier distance, original pixels (3 px at 1/4)
+RANSAC_REDUCED_PX = 3.0  # inlier distance, pixels of the reduced baseline (12 original pixels at 1/4)
 MIN_INLIERS = 25  # fewer: no registration. Different eyes of one side gave 6-12 (registration-eval.md)
 QUADRATIC_MIN_INLIERS = 60  # 12 parameters: at least 5 inliers per parameter before the quadratic is tried
 MIN_OVERLAP = 0.4  # fraction of the baseline's field of view; below, a visit comparison would miss most of the eye
@@ -151,13 +152,15 @@ class PhotoFeatures:
 
 
 def decode_reduced(data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
-    """Photo bytes -> (BGR uint8 at 1/REDUCTION, each side rounded up; (width, height) as stored). JPEG is
+    """Photo bytes -> (BGR uint8 at 1/REDUCTION, each side rounded up, or at 1/2 or whole when that would leave
+    fewer than MIN_REDUCED_WIDTH pixels across; (width, height) as stored). JPEG is
     decoded at 1/4 by libjpeg's DCT scaling (fundus_hemorrhage.jpeg, several times faster than a full decode);
     other formats whole, then resized. EXIF orientation is not applied, as in preprocess. Raises ValueError
     (preprocessing.ImageError) when the bytes are not a readable photo."""
     fmt, width, height, _ = read_header(data, PreprocessConfig())
-    out = reduced_size(width, height, REDUCTION)
-    bgr = decode_bgr(data, width, height, REDUCTION) if fmt == "JPEG" else None
+    factor = next((f for f in (REDUCTION, 2) if width / f >= MIN_REDUCED_WIDTH), 1)
+    out = reduced_size(width, height, factor)
+    bgr = decode_bgr(data, width, height, factor) if fmt == "JPEG" else None
     if bgr is None:
         full = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         if full is None:
@@ -286,7 +289,9 @@ def fit_pair(follow_up: PhotoFeatures, baseline: PhotoFeatures) -> Registration:
     if len(f) < MIN_INLIERS:
         return refused(NO_REGISTRATION, f"too few matching vessel features: {len(f)} candidate matches "
                                         f"(at least {MIN_INLIERS} needed)", matches=len(f))
-    h, keep = cv2.findHomography(f, b, cv2.USAC_MAGSAC, RANSAC_PX, maxIters=5000, confidence=0.9999)
+    ransac_px = RANSAC_REDUCED_PX * baseline.size[0] / baseline.green.shape[1] if baseline.green is not None \
+        else RANSAC_REDUCED_PX * REDUCTION
+    h, keep = cv2.findHomography(f, b, cv2.USAC_MAGSAC, ransac_px, maxIters=5000, confidence=0.9999)
     inliers = int(keep.sum()) if keep is not None else 0
     if h is None or inliers < MIN_INLIERS:
         return refused(NO_REGISTRATION, f"too few geometrically consistent vessel features: {inliers} "
@@ -296,13 +301,13 @@ def fit_pair(follow_up: PhotoFeatures, baseline: PhotoFeatures) -> Registration:
         return refused(NO_REGISTRATION, f"no plausible registration: {why}", matches=len(f), inliers=inliers)
     # Refit on all matches within the threshold, least squares (MAGSAC's model is from a minimal sample set).
     homography = Transform("homography", h)
-    inl = _residuals(homography, f, b) < RANSAC_PX
+    inl = _residuals(homography, f, b) < ransac_px
     h2, _ = cv2.findHomography(f[inl], b[inl], 0)
     homography = Transform("homography", h2 if h2 is not None else h)
-    inl = _residuals(homography, f, b) < RANSAC_PX
+    inl = _residuals(homography, f, b) < ransac_px
     transform, inverse = homography, Transform("homography", np.linalg.inv(homography.params))
     if inl.sum() >= QUADRATIC_MIN_INLIERS:
-        transform, inverse, inl = _quadratic_refinement(f, b, inl, homography)
+        transform, inverse, inl = _quadratic_refinement(f, b, inl, homography, ransac_px)
     fi, bi = f[inl], b[inl]
     rms = float(np.sqrt(np.mean(_residuals(transform, fi, bi) ** 2)))
     n = int(inl.sum())
@@ -311,7 +316,7 @@ def fit_pair(follow_up: PhotoFeatures, baseline: PhotoFeatures) -> Registration:
     return Registration(OK, None, transform, inverse, confidence, len(f), n, rms, inlier_points=fi)
 
 
-def _quadratic_refinement(f, b, inl, homography: Transform):
+def _quadratic_refinement(f, b, inl, homography: Transform, ransac_px: float):
     """Quadratic fit on the homography's inliers, kept only when it predicts held-out inliers better (5-fold
     cross-validation): with few or badly spread points the 12 parameters would fit noise. Returns (forward,
     inverse, inliers)."""
@@ -332,9 +337,10 @@ def _quadratic_refinement(f, b, inl, homography: Transform):
     quadratic = fit_quadratic(f[inl], b[inl])
     # One re-selection of inliers under the quadratic, then the final fit (Huber-like: a looser threshold would
     # let vessel-pattern mismatches pull the 12 parameters).
-    inl = _residuals(quadratic, f, b) < RANSAC_PX / 2
+    inl = _residuals(quadratic, f, b) < ransac_px / 2
     if inl.sum() < QUADRATIC_MIN_INLIERS:
-        return homography, Transform("homography", np.linalg.inv(homography.params)), _residuals(homography, f, b) < RANSAC_PX
+        return homography, Transform("homography", np.linalg.inv(homography.params)), \
+            _residuals(homography, f, b) < ransac_px
     return fit_quadratic(f[inl], b[inl]), fit_quadratic(b[inl], f[inl]), inl
 
 

@@ -120,6 +120,15 @@ def test_lesions_outside_the_common_field_are_not_compared():
     assert report["compared_field"]["lesions_outside"]["baseline"] == 1
 
 
+def test_a_confident_registration_overrides_a_laterality_disagreement():
+    follow_up = visit(FOLLOW_UP, disc=(300.0, 600.0))  # its laterality misjudged as left
+    report = change_report(visit(BASELINE), follow_up, translation(0.0, 0.0))
+    assert report["status"] == "ok" and "lateralities differ" in report["registration"]["laterality_note"]
+    weak = translation(0.0, 0.0)
+    weak.confidence = 0.2
+    assert change_report(visit(BASELINE), follow_up, weak)["registration"]["status"] == reg.DIFFERENT_EYES
+
+
 def test_area_change_threshold():
     assert classify(1000, 1000 * (1 + AREA_CHANGE), 10) == "enlarged"
     assert classify(1000, 1000 * (1 + AREA_CHANGE) - 1, 10) == "unchanged"
@@ -136,8 +145,9 @@ def test_area_change_threshold():
 ])
 def test_refusals_name_their_reason_and_carry_no_comparison(case, status, words):
     baseline, follow_up, registration = visit(BASELINE), visit(FOLLOW_UP), translation(0, 0)
-    if case == "different_eyes":  # disc on the fovea's left: a left eye
+    if case == "different_eyes":  # disc on the fovea's left: a left eye, and the vessels do not register
         follow_up = visit(FOLLOW_UP, disc=(300.0, 600.0))
+        registration = reg.refused(reg.NO_REGISTRATION, "too few matching vessel features: 4 candidate matches")
     elif case == "ungradable":
         follow_up.report.update(status="ungradable", image_quality={"gradable": False, "reasons": ["out of focus"]})
     elif case == "no_registration":

@@ -3,7 +3,7 @@
 
     python serve.py [--host 127.0.0.1] [--http-port 8000] [--grpc-port 8001] [--metrics-port 8002]
                     [--model-repository ./model_repository] [--poll-interval 5] [--watchdog-interval 2]
-                    [--max-request-bytes N] [--no-http-proxy] [--no-grpc-proxy]
+                    [--max-request-bytes N] [--max-in-flight 8] [--no-http-proxy] [--no-grpc-proxy]
                     [--grpc-tls-cert CERT --grpc-tls-key KEY [--grpc-tls-root-cert CA]]
                     [--traffic "3:90,2:10"]   (A/B split between unet versions: README, A/B testing)
 
@@ -70,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-request-bytes", type=int, default=None,
                    help="most image bytes in one request (default: the ensemble's max_batch_size x the preprocess "
                         "max_bytes, 16 x 64 MiB)")
+    p.add_argument("--max-in-flight", type=int, default=8,
+                   help="HTTP inference requests HAProxy lets through to Triton at once; up to 2x more wait in "
+                        "HAProxy (30 s at most), the rest get 503 server busy (gRPC is not bounded); "
+                        "0: no bound (docs/reliability.md, section 8; default 8)")
     p.add_argument("--grpc-tls-cert", type=Path, help="PEM server certificate: gRPC over TLS (with --grpc-tls-key)")
     p.add_argument("--grpc-tls-key", type=Path, help="PEM private key of --grpc-tls-cert")
     p.add_argument("--grpc-tls-root-cert", type=Path,
@@ -106,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.traffic = parse_traffic(args.traffic)
         except TrafficError as exc:
             p.error(f"--traffic: {exc}")
+    if args.max_in_flight < 0:
+        p.error("--max-in-flight must be 0 (no bound) or positive")
     if args.max_request_bytes is not None and args.max_request_bytes <= 0:
         p.error("--max-request-bytes must be positive")
     return args

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from . import quality
 from .contract import WORKING_SIZE
@@ -149,6 +149,24 @@ def read_header(data: bytes, config: PreprocessConfig) -> tuple[str, int, int, i
     return read_header_and_jpeg_quality(data, config)[0]
 
 
+MAX_COUNTED_FRAMES = 100  # a TIFF's pages are counted up to this (each is a directory to read; 20,000: 5 s)
+
+
+def _frame_count(im: Image.Image) -> str:
+    """How many frames (APNG: the acTL count) or pages (TIFF: image directories) the file has, as text: "1", "2", ...
+    or "more than MAX_COUNTED_FRAMES". An MPO's further pictures are not counted (its first is the primary image)."""
+    if not getattr(im, "is_animated", False):
+        return "1"
+    if im.format == "PNG":
+        return str(im.n_frames)
+    for page in range(1, MAX_COUNTED_FRAMES + 1):
+        try:
+            im.seek(page)
+        except EOFError:
+            return str(page)
+    return f"more than {MAX_COUNTED_FRAMES}"
+
+
 def _jpeg_quality(im: Image.Image) -> float | None:
     """libjpeg quality (1-100) estimated from the luminance quantisation table (quality.jpeg_quality); None when
     the file has none (not a JPEG)."""
@@ -169,10 +187,23 @@ def read_header_and_jpeg_quality(data: bytes, config: PreprocessConfig) -> tuple
             fmt = "JPEG" if im.format == "MPO" else im.format
             (width, height), orientation = _stored_size(im), _orientation(im, data)
             jpeg_quality = _jpeg_quality(im) if fmt == "JPEG" else None
+            frames = _frame_count(im) if fmt in ("PNG", "TIFF") else "1"
     except Image.UnidentifiedImageError:
         raise _unidentified(data) from None
+    except ValueError as exc:
+        if "MAX_TEXT" in str(exc):  # Pillow's bound on inflated PNG text/ICC chunks (a zTXt bomb stops there)
+            raise ImageError(f"PNG metadata too large: a compressed text or ICC-profile chunk (zTXt, iTXt or iCCP) "
+                             f"inflates past {PngImagePlugin.MAX_TEXT_CHUNK} bytes, or all text past "
+                             f"{PngImagePlugin.MAX_TEXT_MEMORY} bytes; not read (decompression-bomb guard): "
+                             f"resend the photo without that metadata") from None
+        raise ImageError(f"damaged image header ({exc})") from None
     except Exception as exc:  # PIL raises many types for damaged headers; all mean the same to the client
         raise ImageError(f"damaged image header ({exc})") from None
+    if frames != "1":
+        what = "pages" if fmt == "TIFF" else "frames (an animated PNG)"
+        raise ImageError(f"{fmt} file with {frames} {what}: only single-image files are accepted, because which "
+                         f"one is the photo cannot be told (the first may be a thumbnail, a cover page or a blank "
+                         f"frame); send each photo as a file of its own")
     if fmt not in SUPPORTED_FORMATS:
         raise ImageError(f"unsupported image format {fmt}; accepted: {', '.join(SUPPORTED_FORMATS)}")
     if width * height > config.max_pixels:

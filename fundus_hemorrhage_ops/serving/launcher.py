@@ -35,7 +35,7 @@ from fundus_hemorrhage.model_config import parameters, preprocess_config, read_c
 from fundus_hemorrhage.preprocessing import MAX_REQUEST_BYTES_ENV, max_request_bytes
 from .admin import ADMIN_HEADER, Admin
 from .drain import Drain, drain
-from .proxy import BODY_HEADROOM, GrpcGuard, Proxy, find_haproxy, free_loopback_port
+from .proxy import BODY_HEADROOM, Admission, GrpcGuard, Proxy, find_haproxy, free_loopback_port
 from .process import TritonProcess, become_subreaper, describe_exit, reap_orphans
 from .leftovers import claim_python_envs, python_env_dirs, remove_dirs, remove_folders_of, sweep_stale_runs
 from .live import SERVED_REPOSITORY, STATE_FILE, LiveRepository, LiveState, state_for_split
@@ -309,7 +309,8 @@ def port_guard(args: argparse.Namespace, work_dir: Path) -> tuple[Proxy | None, 
         grpc = GrpcGuard(args.grpc_port, triton_grpc[1], args.grpc_tls_cert, args.grpc_tls_key,
                          args.grpc_tls_root_cert)
     proxy = Proxy(haproxy, work_dir, args.host, (args.http_port, triton_http[1]) if guard_http else None,
-                  args.max_request_bytes + BODY_HEADROOM, grpc)
+                  args.max_request_bytes + BODY_HEADROOM, grpc,
+                  Admission.for_in_flight(getattr(args, "max_in_flight", Admission.in_flight)))
     return proxy, triton_http, triton_grpc
 
 

@@ -111,6 +111,35 @@ end)
 
 
 @dataclass(frozen=True)
+class Admission:
+    """The bound on HTTP inference requests (`.../infer`) HAProxy lets through to Triton: `in_flight` at once
+    (serve.py --max-in-flight; 0: no bound), at most `queued` more waiting in HAProxy, each for at most
+    `queue_timeout_s` seconds. Beyond that a request gets HTTP 503 with a JSON error (at once when the queue is full),
+    before its body reaches Triton: nothing of it was processed, so a retry is safe. Health, metadata and the admin
+    APIs are never queued. Triton 2.51 itself queues without a bound in front of preprocess (no dynamic batcher),
+    where each queued request holds its photos and later its tensors. Not on gRPC: HAProxy's queue answers a
+    queued call that is still uploading with RST_STREAM (CANCELLED), and with HTTP/2 to Triton queued calls were
+    seen never to be sent on (docs/reliability.md, section 8)."""
+    in_flight: int = 8
+    queued: int = 16
+    queue_timeout_s: int = 30
+
+    @classmethod
+    def for_in_flight(cls, in_flight: int) -> Admission:
+        """serve.py --max-in-flight N: N through, 2N waiting (a queue that drains in about two request times)."""
+        return cls(in_flight, 2 * in_flight)
+
+    def busy_message(self) -> str:
+        return (f"server busy: {self.in_flight} inference requests are in progress and {self.queued} are waiting; "
+                f"this one was not processed. Retry later, with back-off.")
+
+    def timeout_message(self) -> str:
+        return (f"server busy or restarting: this request waited {self.queue_timeout_s} s for one of the "
+                f"{self.in_flight} inference slots (or Triton could not be reached) and was not processed. "
+                f"Retry later, with back-off.")
+
+
+@dataclass(frozen=True)
 class GrpcGuard:
     """The gRPC frontend: public `bind_port` -> Triton's cleartext gRPC on 127.0.0.1:`backend_port`. `tls_cert`,
     `tls_key`: PEM files, HAProxy terminates TLS; `tls_root_cert`: PEM CA, client certificates required."""
@@ -126,11 +155,15 @@ def find_haproxy() -> str | None:
     return shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if os.access(p, os.X_OK)), None)
 
 
-def _message(status: int, limit: int) -> str:
-    """The JSON error body, as an HAProxy log-format string in double quotes (Triton's own {"error": ...} form)."""
-    text = _MESSAGES[status].replace("{limit}", str(limit)).replace("{headroom}", str(BODY_HEADROOM))
+def _json_lf(text: str) -> str:
+    """{"error": text} (Triton's own error form) as an HAProxy string in double quotes."""
     body = json.dumps({"error": text})
     return '"' + body.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _message(status: int, limit: int) -> str:
+    """The JSON error body, as an HAProxy log-format string in double quotes (Triton's own {"error": ...} form)."""
+    return _json_lf(_MESSAGES[status].replace("{limit}", str(limit)).replace("{headroom}", str(BODY_HEADROOM)))
 
 
 def _lua_string(text: str) -> str:
@@ -147,8 +180,30 @@ def _bind(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _http_frontend(bind_host: str, bind_port: int, backend_port: int, max_body_bytes: int) -> str:
+def _admitted_backend(name: str, backend_port: int, admission: Admission) -> str:
+    """The backend of HTTP inference requests: at most `admission.in_flight` at Triton, the rest queued in HAProxy;
+    a client that gives up while queued is dropped there (abortonclose), never sent on."""
+    if admission.in_flight <= 0:
+        return f"""
+backend {name}
+    server triton 127.0.0.1:{backend_port}
+"""
+    return f"""
+backend {name}
+    option abortonclose
+    timeout queue {admission.queue_timeout_s}s
+    http-error status 503 content-type application/json string {_json_lf(admission.timeout_message())}
+    server triton 127.0.0.1:{backend_port} maxconn {admission.in_flight}
+"""
+
+
+def _http_frontend(bind_host: str, bind_port: int, backend_port: int, max_body_bytes: int,
+                   admission: Admission = Admission()) -> str:
     max_body_bytes = min(max_body_bytes, MAX_BODY_BYTES)
+    busy = ""
+    if admission.in_flight > 0:
+        busy = (f"    http-request return status 503 content-type application/json string "
+                f"{_json_lf(admission.busy_message())} if infer {{ queue(triton_http_infer) ge {admission.queued} }}\n")
     return f"""
 frontend triton_http
     bind {_bind(bind_host, bind_port)}
@@ -164,11 +219,13 @@ frontend triton_http
     http-request return status 415 content-type application/json lf-string {_message(415, max_body_bytes)} if encoded !identity_only || encoded !one_encoding
     http-request return status 411 content-type application/json lf-string {_message(411, max_body_bytes)} if has_body !has_length
     http-request return status 413 content-type application/json lf-string {_message(413, max_body_bytes)} if too_big
+    acl infer path_end /infer
+{busy}    use_backend triton_http_infer if infer
     default_backend triton_http
 
 backend triton_http
     server triton 127.0.0.1:{backend_port}
-"""
+""" + _admitted_backend("triton_http_infer", backend_port, admission)
 
 
 def _grpc_frontend(bind_host: str, grpc: GrpcGuard, tls_pem: Path | None) -> str:
@@ -196,7 +253,8 @@ backend triton_grpc
 
 
 def haproxy_config(bind_host: str, http: tuple[int, int] | None, max_body_bytes: int, grpc: GrpcGuard | None = None,
-                   lua_path: Path | None = None, tls_pem: Path | None = None) -> str:
+                   lua_path: Path | None = None, tls_pem: Path | None = None,
+                   admission: Admission = Admission()) -> str:
     """HAProxy's configuration. `http`: (public port, Triton's loopback HTTP port) or None; `grpc`: the gRPC
     frontend or None; `lua_path`: the file holding grpc_refuse_lua() (needed with `grpc`); `tls_pem`: certificate
     and key in one PEM file (needed with grpc.tls_cert). Refuses what the module docstring says."""
@@ -224,7 +282,7 @@ defaults
     retries 0                           # an inference request is never replayed here
 """
     if http is not None:
-        text += _http_frontend(bind_host, http[0], http[1], max_body_bytes)
+        text += _http_frontend(bind_host, http[0], http[1], max_body_bytes, admission)
     if grpc is not None:
         text += _grpc_frontend(bind_host, grpc, tls_pem)
     return text
@@ -242,8 +300,9 @@ class Proxy:
     (public port, Triton's loopback HTTP port) or None; `grpc`: GrpcGuard or None."""
 
     def __init__(self, binary: str, work_dir: Path, bind_host: str, http: tuple[int, int] | None,
-                 max_body_bytes: int, grpc: GrpcGuard | None = None):
+                 max_body_bytes: int, grpc: GrpcGuard | None = None, admission: Admission = Admission()):
         self.binary, self.bind_host, self.http, self.grpc = binary, bind_host, http, grpc
+        self.admission = admission
         self.max_body_bytes = max_body_bytes
         name = f"haproxy-{http[0] if http else grpc.bind_port}"
         self.config_path, self.lua_path = work_dir / f"{name}.cfg", work_dir / f"{name}-grpc.lua"
@@ -266,7 +325,7 @@ class Proxy:
     def start(self, timeout: float = 30.0) -> None:
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(haproxy_config(self.bind_host, self.http, self.max_body_bytes, self.grpc,
-                                                   self.lua_path, self.tls_pem))
+                                                   self.lua_path, self.tls_pem, self.admission))
         if self.grpc is not None:
             self.lua_path.write_text(grpc_refuse_lua())
         if self.tls_pem is not None:

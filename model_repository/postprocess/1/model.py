@@ -17,6 +17,7 @@ import triton_python_backend_utils as pb_utils
 
 from fundus_hemorrhage import contract as c
 from fundus_hemorrhage.backend import model_config_and_parameters
+from fundus_hemorrhage.backend.cancellation import cancelled_response
 from fundus_hemorrhage.backend.metrics import LesionMetrics
 from fundus_hemorrhage.postprocessing import PostprocessConfig
 from fundus_hemorrhage.routing import request_parameters
@@ -45,6 +46,10 @@ class TritonPythonModel:
                       for name in (c.PROBABILITY, c.THRESHOLD, c.MODEL_VERSION, c.GEOMETRY, c.ANATOMY)]
             errors, quality = (pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)
                                for name in (c.ERROR, c.QUALITY))
+            cancelled = cancelled_response(request, "postprocess", len(errors), self.logger.log_info)
+            if cancelled is not None:  # the client is gone: no masks or reports encoded for nobody
+                responses.append(cancelled)
+                continue
             with_probability, with_mask = wanted_outputs(request)
             results = answer_photos(*inputs, [e.decode() for e in errors], quality, self.config, with_probability,
                                     self.pool, self.logger.log_error, with_mask)

@@ -398,9 +398,7 @@ TIFF_KINDS = {
     "16-bit": lambda o: _pil_bytes(_gray16(), "TIFF", tiffinfo={274: o}),
     "16-bit big-endian (MM)": lambda o: _pil_bytes(_gray16(big_endian=True), "TIFF", tiffinfo={274: o}),
     "BigTIFF": lambda o: _pil_bytes(Image.fromarray(_fundus_rgb()), "TIFF", tiffinfo={274: o}, big_tiff=True),
-    "multi-page": lambda o: _pil_bytes(Image.fromarray(_fundus_rgb()), "TIFF", tiffinfo={274: o}, save_all=True,
-                                       append_images=[Image.fromarray(_fundus_rgb()[::-1].copy())]),
-}
+}  # a multi-page TIFF is refused, naming its pages (tests/test_reliability_round3.py)
 
 
 @pytest.mark.parametrize("kind", TIFF_KINDS)

@@ -49,13 +49,14 @@ VISIBLE_CONTRAST = 0.15  # donor lesions: mean green ratio to their background <
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
 
-def random_visit(rng: np.random.Generator, index: int) -> tuple[WarpSpec, Capture]:
-    """A second visit's warp and capture: alternating homography / quadratic, every 4th from another camera."""
+def random_visit(rng: np.random.Generator, index: int, width: int = 4288) -> tuple[WarpSpec, Capture]:
+    """A second visit's warp and capture: alternating homography / quadratic, every 4th from another camera.
+    Shifts up to 4 % of the photo's width, curvature up to 30 px at the corners of a 4288 px photo (scaled)."""
     kind = "quadratic" if index % 2 else "homography"
     spec = WarpSpec(kind, float(rng.uniform(-10, 10)), float(rng.uniform(0.9, 1.1)),
-                    tuple(float(v) for v in rng.uniform(-0.08, 0.08, 2) * 4288 * 0.5),
+                    tuple(float(v) for v in rng.uniform(-0.08, 0.08, 2) * width * 0.5),
                     tuple(float(v) for v in rng.uniform(-0.03, 0.03, 2)),
-                    tuple(float(v) for v in rng.uniform(-30, 30, 6)))
+                    tuple(float(v) for v in rng.uniform(-30, 30, 6) * width / 4288))
     cap = Capture(tuple(float(v) for v in rng.uniform(0.85, 1.15, 3)), float(rng.uniform(0.8, 1.25)),
                   tuple(float(v) for v in rng.uniform(-0.15, 0.15, 2)), float(rng.uniform(0, 2.0)),
                   float(rng.uniform(0, 3)), int(rng.integers(80, 96)),
@@ -77,6 +78,7 @@ class Donors:
         self.sources = [(p, masks) for p in photos] if masks else []
         self.fallback = fallback  # samples/*.jpg with *_HE.png when --photos has no masks
         self.cache: dict[str, list] = {}
+        self.widths: dict[str, int] = {}
 
     def patches(self, path: Path, mask: np.ndarray) -> list:
         if path.name not in self.cache:
@@ -86,11 +88,12 @@ class Donors:
             patches = [lesion_patch(image, mask, stats[k], labels, k) for k in keep[:30]]
             # Visible ones: green at least VISIBLE_CONTRAST darker than the background (many IDRiD outlines are
             # faint smudges the unet does not find on the photo they come from either).
+            self.widths[path.name] = image.shape[1]
             self.cache[path.name] = [(ratio, own) for ratio, own in patches
                                      if float(ratio[..., 1][own].mean()) <= 1.0 - VISIBLE_CONTRAST][:12]
         return self.cache[path.name]
 
-    def draw(self, rng, exclude: str, n: int) -> list:
+    def draw(self, rng, exclude: str, n: int, width: int) -> list:
         pool = [(p, read_mask(m, p.stem)) for p, m in self.sources if p.name != exclude] or \
                [(p, cv2.imread(str(m), cv2.IMREAD_GRAYSCALE)) for p, m in self.fallback]
         pool = [(p, m) for p, m in pool if m is not None]
@@ -101,7 +104,14 @@ class Donors:
             path, mask = pool[int(rng.integers(len(pool)))]
             patches = self.patches(path, mask)
             if patches:
-                out.append(patches[int(rng.integers(len(patches)))])
+                ratio, own = patches[int(rng.integers(len(patches)))]
+                f = width / self.widths[path.name]  # to the target's scale (photo width as its proxy)
+                if f != 1.0:
+                    size = (max(3, int(round(own.shape[1] * f))), max(3, int(round(own.shape[0] * f))))
+                    ratio = cv2.resize(ratio, size, interpolation=cv2.INTER_LINEAR)
+                    own = cv2.resize(own.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+                if own.any():
+                    out.append((ratio, own))
         return out
 
 
@@ -166,7 +176,7 @@ def evaluate_pair(pipeline, rng, index, path: Path, masks, donors, tolerance_wp=
     data = path.read_bytes()
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     h, w = image.shape[:2]
-    spec, cap = random_visit(rng, index)
+    spec, cap = random_visit(rng, index, w)
     size = (int(round(w * cap.size_factor)), int(round(h * cap.size_factor)))
     truth = make_transform(spec, (w, h), size)
     inverse = truth.inverted(size)
@@ -182,7 +192,7 @@ def evaluate_pair(pipeline, rng, index, path: Path, masks, donors, tolerance_wp=
         big = [k for k in range(1, count) if stats[k, 4] >= 300]
         pick = list(rng.choice(big, size=min(2, len(big)), replace=False)) if big else []
         removed = remove_lesions(scene, truth_mask, pick, labels, stats)
-    added = place(rng, scene, truth_mask, donors.draw(rng, path.name, 3), baseline_result.report, inverse, size,
+    added = place(rng, scene, truth_mask, donors.draw(rng, path.name, 3, w), baseline_result.report, inverse, size,
                   cap.aperture * size[0] / 2)
     warped = warp_to_follow_up(scene, truth, size)
     recaptured = 0

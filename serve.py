@@ -29,7 +29,8 @@ While Triton runs, a supervisor thread
 HTTP and gRPC go through HAProxy on --http-port and --grpc-port (Triton's endpoints listen on loopback ports
 behind it; fundus_hemorrhage_ops/serving/proxy.py). HTTP: a compressed body (Content-Encoding other than identity)
 gets 415, a body over --max-request-bytes + 1 MiB 413, a chunked body 411. gRPC: a compressed message
-(grpc-encoding other than identity) gets INVALID_ARGUMENT; with --grpc-tls-cert HAProxy terminates the TLS
+(grpc-encoding other than identity) gets INVALID_ARGUMENT; an HTTP inference request over --max-in-flight (plus
+2x that many queued for up to 30 s) gets 503 "server busy"; with --grpc-tls-cert HAProxy terminates the TLS
 (and checks client certificates with --grpc-tls-root-cert). Everything else passes through. --no-http-proxy /
 --no-grpc-proxy: only behind a reverse proxy of your own that does the same. tritonserver and HAProxy run in
 their own session (a terminal's Ctrl-C reaches serve.py only, which drains) and die with serve.py. If tritonserver dies, or holds

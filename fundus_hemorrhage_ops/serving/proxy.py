@@ -11,6 +11,8 @@ HTTP frontend (HTTP/1.1), before a byte of the body reaches Triton:
 * a request whose Content-Encoding is anything but `identity` -> 415, JSON `{"error": ...}`;
 * a request with a body and no Content-Length (chunked) -> 411: its size cannot be checked before it is read;
 * a Content-Length over `max_body_bytes` -> 413 (sent at once, the body is not read);
+* an inference request (`.../infer`) over the admission bound (`Admission`, serve.py --max-in-flight) -> 503
+  "server busy" at once when the queue is full, or after waiting `queue_timeout_s` for a slot;
 * everything else passes through unchanged, streamed: the binary-tensor extension
   (Inference-Header-Content-Length), keep-alive, health, metadata and the admin-key APIs.
 

@@ -124,10 +124,6 @@ def postprocess_config(working_size: int = c.WORKING_SIZE, instances: int = 2) -
 # instances do not spin against each other (fundus_hemorrhage_perf/results/performance-round2.md).
 UNET_CPU_INSTANCES = 2
 UNET_CPU_THREADS = 1
-# On the CPU a batch costs the same per photo at any size, so the dynamic batcher never waits (it still merges what
-# is queued while both instances are busy): with 2 ms it merged a lone request's two chunks back into one batch on
-# one instance (unet avg batch 8.3 for chunks of 5; 5.5 with 0, and the request's latency fell by a fifth).
-UNET_CPU_QUEUE_DELAY_US = 0
 
 
 def router_config(working_size: int = c.WORKING_SIZE, *, traffic: str = "", shadow_version: int | None = None,
@@ -160,7 +156,7 @@ def progression_config(instances: int = 1, threads: int = c.STEP_THREADS) -> Mod
 
 
 def unet_config(target: str = "cpu", working_size: int = c.WORKING_SIZE, max_batch_size: int = c.MAX_BATCH_SIZE, *,
-                max_queue_delay_us: int | None = None, intra_op_threads: int = UNET_CPU_THREADS,
+                max_queue_delay_us: int = 2000, intra_op_threads: int = UNET_CPU_THREADS,
                 instances: int | None = None) -> ModelConfig:
     """The `unet` model: Python backend + ONNX Runtime (cpu) or a TensorRT plan (tensorrt).
 
@@ -172,8 +168,7 @@ def unet_config(target: str = "cpu", working_size: int = c.WORKING_SIZE, max_bat
     fields = {"name": c.SEGMENTATION_MODEL, "max_batch_size": max_batch_size,
               "input": [_pixels(working_size)], "output": _unet_outputs(working_size),
               "version_policy": {"latest": {"num_versions": 1}},
-              "dynamic_batching": {"max_queue_delay_microseconds": max_queue_delay_us if max_queue_delay_us is not None
-                                   else UNET_CPU_QUEUE_DELAY_US if target == "cpu" else 2000}}
+              "dynamic_batching": {"max_queue_delay_microseconds": max_queue_delay_us}}
     if target == "cpu":
         fields.update(backend="python", parameters={"onnx_file": "model.onnx", "intra_op_threads": intra_op_threads},
                       instance_group=[{"kind": pb.ModelInstanceGroup.KIND_CPU,

@@ -118,21 +118,11 @@ def postprocess_config(working_size: int = c.WORKING_SIZE, instances: int = 2) -
                                     "threads": c.STEP_THREADS}})
 
 
-# unet on the CPU: UNET_CPU_INSTANCES instances of UNET_CPU_THREADS ONNX Runtime thread each, and the router splits
-# a request's photos between them (its unet_chunks), so that one request still uses both cores. One thread per
-# session costs ~10 % less CPU per photo than two threads synchronising inside one session, and under load the
-# instances do not spin against each other (fundus_hemorrhage_perf/results/performance-round2.md).
-UNET_CPU_INSTANCES = 2
-UNET_CPU_THREADS = 1
-
-
 def router_config(working_size: int = c.WORKING_SIZE, *, traffic: str = "", shadow_version: int | None = None,
-                  shadow_rate: float = 0.0, instances: int = 2, unet_chunks: int = UNET_CPU_INSTANCES) -> ModelConfig:
+                  shadow_rate: float = 0.0, instances: int = 2) -> ModelConfig:
     """The `unet_router` model (Python backend): same I/O as unet; `traffic` "3:90,2:10" ("" = the newest
-    version), optional shadow version and its sampled share of requests (fundus_hemorrhage.routing); each
-    request's photos go to the unet in `unet_chunks` concurrent BLS requests (1 for a GPU unet: one batch)."""
-    parameters = {"traffic": traffic, "min_lesion_working_px": PostprocessConfig.min_lesion_working_px,
-                  "unet_chunks": unet_chunks}
+    version), optional shadow version and its sampled share of requests (fundus_hemorrhage.routing)."""
+    parameters = {"traffic": traffic, "min_lesion_working_px": PostprocessConfig.min_lesion_working_px}
     if shadow_version is not None:
         parameters.update(shadow_version=shadow_version, shadow_rate=shadow_rate)
     return _message({"name": c.ROUTER, "backend": "python", "max_batch_size": c.MAX_BATCH_SIZE,
@@ -156,8 +146,7 @@ def progression_config(instances: int = 1, threads: int = c.STEP_THREADS) -> Mod
 
 
 def unet_config(target: str = "cpu", working_size: int = c.WORKING_SIZE, max_batch_size: int = c.MAX_BATCH_SIZE, *,
-                max_queue_delay_us: int = 2000, intra_op_threads: int = UNET_CPU_THREADS,
-                instances: int | None = None) -> ModelConfig:
+                max_queue_delay_us: int = 2000, intra_op_threads: int = 2, instances: int = 1) -> ModelConfig:
     """The `unet` model: Python backend + ONNX Runtime (cpu) or a TensorRT plan (tensorrt).
 
     Same name, I/O, batching and version policy for both, so the ensemble and the pre/postprocess models are
@@ -171,11 +160,10 @@ def unet_config(target: str = "cpu", working_size: int = c.WORKING_SIZE, max_bat
               "dynamic_batching": {"max_queue_delay_microseconds": max_queue_delay_us}}
     if target == "cpu":
         fields.update(backend="python", parameters={"onnx_file": "model.onnx", "intra_op_threads": intra_op_threads},
-                      instance_group=[{"kind": pb.ModelInstanceGroup.KIND_CPU,
-                                       "count": instances or UNET_CPU_INSTANCES}])
+                      instance_group=[{"kind": pb.ModelInstanceGroup.KIND_CPU, "count": instances}])
     else:
         fields.update(platform="tensorrt_plan", default_model_filename="model.plan",
-                      instance_group=[{"kind": pb.ModelInstanceGroup.KIND_GPU, "count": instances or 1}])
+                      instance_group=[{"kind": pb.ModelInstanceGroup.KIND_GPU, "count": instances}])
     return _message(fields)
 
 
@@ -233,8 +221,7 @@ def repository_configs(unet_target_: str = "cpu") -> dict[str, tuple[ModelConfig
     return {c.ENSEMBLE: (ensemble_config(), _HEADERS[c.ENSEMBLE]),
             c.PREPROCESS: (preprocess_config(), _HEADERS[c.PREPROCESS]),
             c.SEGMENTATION_MODEL: (unet_config(unet_target_), _HEADERS[unet_target_]),
-            c.ROUTER: (router_config(unet_chunks=UNET_CPU_INSTANCES if unet_target_ == "cpu" else 1),
-                       _HEADERS[c.ROUTER]),
+            c.ROUTER: (router_config(), _HEADERS[c.ROUTER]),
             c.POSTPROCESS: (postprocess_config(), _HEADERS[c.POSTPROCESS]),
             c.PROGRESSION: (progression_config(), _HEADERS[c.PROGRESSION])}
 

@@ -6,9 +6,7 @@ version's identity comes from its own graph, so postprocess thresholds and names
 Per request, all its photos go to one version (fundus_hemorrhage.routing; every request parameter is checked
 first, a bad or unknown one is refused with INVALID_ARG naming it): the request parameter `unet_version` pins it (a version unet does not serve is refused, INVALID_ARG, naming it and the served versions); else
 `routing_key` (sticky); else a random draw by the config parameter `traffic` ("3:90,2:10"); with no traffic, the
-newest loaded version. The photos of a version's requests go to the unet as `unet_chunks` (config parameter)
-concurrent BLS requests, so that the unet's CPU instances work on one request at once. The split is read once,
-in initialize: a new split is applied by loading this model again
+newest loaded version. The split is read once, in initialize: a new split is applied by loading this model again
 with the new config (python -m fundus_hemorrhage_ops.serving.traffic), which Triton does without dropping requests.
 
 initialize calls nothing in Triton (no pb_utils.is_model_ready, no BLS): while tritonserver 2.51 is starting,
@@ -67,7 +65,6 @@ class TritonPythonModel:
         if not 0.0 <= self.shadow_rate <= 1.0:
             raise pb_utils.TritonModelException(f"shadow_rate {self.shadow_rate} is not in [0, 1]")
         self.min_lesion_working_px = float(params["min_lesion_working_px"])
-        self.unet_chunks = max(1, int(params.get("unet_chunks", 1)))  # concurrent BLS requests per batch
         # No is_model_ready here (module docstring): serve.py checks that unet serves the split's versions.
         self.rng = random.Random()
         self.metrics = RouterMetrics()
@@ -135,25 +132,15 @@ class TritonPythonModel:
         sizes = [t.as_numpy().shape[0] for t in inputs]
         batch = inputs[0] if len(inputs) == 1 else pb_utils.Tensor(
             c.PIXELS, np.concatenate([t.as_numpy() for t in inputs]))
-        chunks = max(1, min(self.unet_chunks, sum(sizes)))
-        pieces = [batch] if chunks == 1 else [pb_utils.Tensor(c.PIXELS, piece)
-                                              for piece in np.array_split(batch.as_numpy(), chunks)]
-        # The unet's instances work on the chunks at once; its dynamic batcher merges chunks of other requests.
-        answers = await asyncio.gather(*[pb_utils.InferenceRequest(
-            model_name=c.SEGMENTATION_MODEL, model_version=int(version), requested_output_names=OUTPUTS,
-            inputs=[piece]).async_exec() for piece in pieces])
-        failed = next((a for a in answers if a.has_error()), None)
-        if failed is not None:
+        bls = pb_utils.InferenceRequest(model_name=c.SEGMENTATION_MODEL, model_version=int(version),
+                                        requested_output_names=OUTPUTS, inputs=[batch])
+        response = await bls.async_exec()
+        if response.has_error():
             error = pb_utils.TritonError(f"unet version {version if version != NEWEST else 'newest'}: "
-                                         f"{failed.error().message()}")
+                                         f"{response.error().message()}")
             return [pb_utils.InferenceResponse(error=error) for _ in members]
-        if len(answers) == 1:
-            tensors = {name: pb_utils.get_output_tensor_by_name(answers[0], name) for name in OUTPUTS}
-            outputs = {name: tensor.as_numpy() for name, tensor in tensors.items()}
-        else:
-            outputs = {name: np.concatenate([pb_utils.get_output_tensor_by_name(a, name).as_numpy() for a in answers])
-                       for name in OUTPUTS}
-            tensors = {name: pb_utils.Tensor(name, array) for name, array in outputs.items()}
+        tensors = {name: pb_utils.get_output_tensor_by_name(response, name) for name in OUTPUTS}
+        outputs = {name: tensor.as_numpy() for name, tensor in tensors.items()}
         served = int(outputs[c.MODEL_VERSION].reshape(-1)[0])
         for (_, route), n in zip(members, sizes):
             self.metrics.route(served, route, n)

@@ -190,14 +190,12 @@ def read_header_and_jpeg_quality(data: bytes, config: PreprocessConfig) -> tuple
             frames = _frame_count(im) if fmt in ("PNG", "TIFF") else "1"
     except Image.UnidentifiedImageError:
         raise _unidentified(data) from None
-    except ValueError as exc:
-        if "MAX_TEXT" in str(exc):  # Pillow's bound on inflated PNG text/ICC chunks (a zTXt bomb stops there)
+    except Exception as exc:  # PIL raises many types for damaged headers; all mean the same to the client
+        if isinstance(exc, ValueError) and "MAX_TEXT" in str(exc):  # Pillow's bound on inflated PNG text/ICC chunks
             raise ImageError(f"PNG metadata too large: a compressed text or ICC-profile chunk (zTXt, iTXt or iCCP) "
                              f"inflates past {PngImagePlugin.MAX_TEXT_CHUNK} bytes, or all text past "
                              f"{PngImagePlugin.MAX_TEXT_MEMORY} bytes; not read (decompression-bomb guard): "
                              f"resend the photo without that metadata") from None
-        raise ImageError(f"damaged image header ({exc})") from None
-    except Exception as exc:  # PIL raises many types for damaged headers; all mean the same to the client
         raise ImageError(f"damaged image header ({exc})") from None
     if frames != "1":
         what = "pages" if fmt == "TIFF" else "frames (an animated PNG)"
@@ -264,11 +262,16 @@ class FieldOfView:
     area: int  # pixels
 
 
+def _fov_step(shape: tuple[int, ...]) -> int:
+    """Subsampling of the FOV search: the FOV is large and smooth, so it is found on every max(H, W) // 512-th pixel."""
+    return max(1, int(max(shape[:2]) // 512))
+
+
 def fov_brightness(bgr: np.ndarray) -> np.ndarray:
-    """uint8 [ceil(H/step), ceil(W/step)]: the channel maximum of every step-th pixel, step = max(H, W) // 512 (the
-    FOV is large and smooth: it is found on a small copy). A per-pixel gain commutes with it, so the FOV of a photo
-    with its exposure changed is found on this map with the gain applied (quality.apply_exposure_gain)."""
-    step = max(1, int(max(bgr.shape[:2]) // 512))
+    """uint8 [ceil(H/step), ceil(W/step)]: the channel maximum of every `_fov_step`-th pixel. A per-pixel gain
+    commutes with it, so the FOV of a photo with its exposure changed is found on this map with the gain applied
+    (quality.apply_exposure_gain)."""
+    step = _fov_step(bgr.shape)
     small = bgr[::step, ::step]
     # np.maximum on the three planes, ~6x faster than a max over the 3-long last axis.
     return np.maximum(np.maximum(small[..., 0], small[..., 1]), small[..., 2])
@@ -283,7 +286,7 @@ def find_field_of_view(bgr: np.ndarray, min_fraction: float = 0.05, min_texture:
     disc of half its longer side, clipped to the frame. A region without texture is refused (blank frame).
     """
     h, w = bgr.shape[:2]
-    step = max(1, int(max(h, w) // 512))
+    step = _fov_step(bgr.shape)
     brightness = cv2.GaussianBlur(fov_brightness(bgr) if brightness is None else brightness, (5, 5), 0)
     threshold = max(12.0, 0.12 * float(np.percentile(brightness, 99)))
     fov = (brightness > threshold).astype(np.uint8)
